@@ -30,3 +30,8 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def error(message: str) -> None:
+    """Print an error line (every rank: errors must never be hidden)."""
+    print(f"[layermoe {time.strftime('%H:%M:%S')}] ERROR: {message}", file=sys.stderr, flush=True)

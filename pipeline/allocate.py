@@ -1,0 +1,132 @@
+"""allocate stage: layer similarity -> experts per layer, and the layers that get a routing classifier.
+
+All counts here are TOTAL experts per layer, including the original (frozen) expert 0; a layer with 1
+expert stays dense. Methods (PAPER.md 3.2):
+
+* ``reference``: ``N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)`` - the authors' formula (the total overshoots delta).
+* ``budget``: exactly ``budget`` new experts in all; every layer gets one, the rest is shared in proportion
+  to ``1/S_i`` by largest remainder (ties: the less similar layer first, then the lower index).
+* ``uniform``: the same count everywhere (the MoE-LPR baseline).
+* ``explicit``: a given list.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.config import AllocateConfig
+from pipeline.errors import LayerMoEError
+
+
+@dataclass
+class Allocation:
+    """The content of allocation.json."""
+
+    experts_per_layer: list[int]
+    classifier_layers: list[int]
+    method: str
+    layer_scores: list[float] | None = None
+    delta: float | None = None
+    budget: int | None = None
+
+    @property
+    def new_experts_per_layer(self) -> list[int]:
+        return [n - 1 for n in self.experts_per_layer]
+
+    def to_json(self, **extra) -> dict:
+        doc = {
+            "experts_per_layer": self.experts_per_layer,
+            "new_experts_per_layer": self.new_experts_per_layer,
+            "total_new_experts": sum(self.new_experts_per_layer),
+            "classifier_layers": self.classifier_layers,
+            "method": self.method,
+            "layer_scores": self.layer_scores,
+        }
+        if self.delta is not None:
+            doc["delta"] = self.delta
+        if self.budget is not None:
+            doc["budget"] = self.budget
+        return {**doc, **extra}
+
+
+def _check_scores(scores: list[float]) -> None:
+    if not scores:
+        raise LayerMoEError("no layer similarity scores")
+    bad = [(i, s) for i, s in enumerate(scores) if not (s > 0 and math.isfinite(s))]
+    if bad:
+        raise LayerMoEError(f"layer similarities must be positive and finite for 1/S allocation; "
+                            f"bad layers (index, S): {bad}. Try another allocate.aggregation or an explicit list")
+
+
+def _inverse_weights(scores: list[float]) -> list[float]:
+    _check_scores(scores)
+    inv = [1.0 / s for s in scores]
+    total = sum(inv)
+    return [v / total for v in inv]
+
+
+def reference_allocation(scores: list[float], delta: float) -> list[int]:
+    """``N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)``: total experts per layer (incl. the original)."""
+    if delta < len(scores):
+        raise LayerMoEError(f"allocate.delta = {delta} is smaller than the number of layers ({len(scores)}); "
+                            f"every layer keeps its original expert, so delta must be at least {len(scores)}")
+    return [math.ceil(delta * w) for w in _inverse_weights(scores)]
+
+
+def budget_allocation(scores: list[float], budget: int) -> list[int]:
+    """Exactly ``budget`` new experts, at least one per layer; the rest by largest remainder of ``1/S``."""
+    layers = len(scores)
+    if budget < layers:
+        raise LayerMoEError(f"allocate.budget = {budget} new experts is smaller than the number of layers "
+                            f"({layers}); the budget mode gives every layer at least one new expert")
+    weights = _inverse_weights(scores)
+    rest = budget - layers
+    quotas = [rest * w for w in weights]
+    extra = [math.floor(q) for q in quotas]
+    order = sorted(range(layers), key=lambda i: (-(quotas[i] - extra[i]), scores[i], i))
+    for i in order[: rest - sum(extra)]:
+        extra[i] += 1
+    return [2 + e for e in extra]
+
+
+def classifier_layers_by_similarity(scores: list[float], count: int) -> list[int]:
+    """The ``count`` layers with the highest similarity (ties: lower index first), in layer order."""
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[: min(count, len(scores))])
+
+
+def allocate(settings: AllocateConfig, scores: list[float] | None, num_layers: int) -> Allocation:
+    """Experts per layer and classifier layers from the settings and the per-layer similarity ``scores``."""
+    if scores is not None and len(scores) != num_layers:
+        raise LayerMoEError(f"{len(scores)} similarity scores for a model with {num_layers} layers")
+    m = settings.method
+    if m == "reference":
+        experts = reference_allocation(_required_scores(scores, m), settings.delta)
+    elif m == "budget":
+        experts = budget_allocation(_required_scores(scores, m), settings.budget)
+    elif m == "uniform":
+        experts = [settings.experts_per_layer] * num_layers
+    else:
+        experts = list(settings.explicit)
+        if len(experts) != num_layers:
+            raise LayerMoEError(f"allocate.explicit has {len(experts)} entries but the model has {num_layers} layers")
+    if settings.classifier_layers is not None:
+        bad = [i for i in settings.classifier_layers if not 0 <= i < num_layers]
+        if bad:
+            raise LayerMoEError(f"allocate.classifier_layers {bad} are outside layers 0..{num_layers - 1}")
+        classifiers = sorted(set(settings.classifier_layers))
+    elif settings.classifier_count == 0:
+        classifiers = []
+    else:
+        classifiers = classifier_layers_by_similarity(_required_scores(scores, "classifier_count"),
+                                                      settings.classifier_count)
+    return Allocation(experts, classifiers, m, layer_scores=scores,
+                      delta=settings.delta if m == "reference" else None,
+                      budget=settings.budget if m == "budget" else None)
+
+
+def _required_scores(scores: list[float] | None, what: str) -> list[float]:
+    if scores is None:
+        raise LayerMoEError(f"allocate method {what!r} needs similarity scores (run analyze first)")
+    return scores

@@ -1,0 +1,156 @@
+"""The ``layermoe`` command: one subcommand per stage, ``run`` for the whole pipeline, and helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import log
+from pipeline.errors import LayerMoEError
+
+OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. analyze.batch_size=4 rounds.0.languages=[el,hu]"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_file", nargs="?", metavar="CONFIG", help="run config (YAML)")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="same as the positional CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    path = args.config_opt or args.config_file
+    overrides = list(args.overrides)
+    if args.config_opt and args.config_file:  # the positional slot caught the first override
+        overrides.insert(0, args.config_file)
+    if path is None:
+        raise LayerMoEError("no config given: pass CONFIG or --config CONFIG (e.g. configs/default.yaml)")
+    return load_config(path, overrides)
+
+
+def _stage_command(stage: str):
+    def command(args: argparse.Namespace) -> None:
+        from pipeline import runner
+        from pipeline.distributed import distributed_from_env
+
+        config = _load(args)
+        rounds = [config.round_index(args.round)] if args.round else range(len(config.rounds))
+        with distributed_from_env():
+            for r in rounds:
+                runner.STAGE_FUNCTIONS[stage](config, r, args.force)
+    return command
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pipeline.distributed import distributed_from_env
+    from pipeline.runner import run_pipeline
+
+    config = _load(args)
+    with distributed_from_env():
+        run_pipeline(config, force=args.force)
+
+
+def _show_config(args: argparse.Namespace) -> None:
+    from pipeline.config import to_dict
+
+    print(json.dumps(to_dict(_load(args)), indent=2))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from pipeline.plan import format_plan, load_model_config, plan
+
+    model_config = load_model_config(Path(args.model))
+    layers = model_config["num_hidden_layers"]
+    if args.allocation:
+        path = Path(args.allocation)
+        if not path.is_file():
+            raise LayerMoEError(f"allocation file {str(path)!r} does not exist")
+        try:
+            doc = json.loads(path.read_text())
+            experts, classifiers = doc["experts_per_layer"], doc.get("classifier_layers", [])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LayerMoEError(f"{path}: not a valid allocation.json ({e})") from None
+    elif args.experts:
+        experts, classifiers = [args.experts] * layers, []
+    else:
+        raise LayerMoEError("plan needs --allocation FILE or --experts N")
+    print(format_plan(plan(model_config, experts, classifiers, args.top_k), args.dtype))
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from pipeline.config import default_cache_dir
+
+    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+
+
+def _build_corpus(args: argparse.Namespace) -> None:
+    from pipeline.libreoffice_corpus import build_libreoffice_corpus
+
+    corpus = build_libreoffice_corpus(args.languages, _cache_dir(args))
+    print(corpus.root)
+
+
+def _prepare_model(args: argparse.Namespace) -> None:
+    from pipeline.default_model import ensure_default_model
+
+    print(ensure_default_model(_cache_dir(args)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layermoe", description="Layer-wise MoE multilingual expansion of dense LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of every round (finished stages are skipped)")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
+    p.set_defaults(func=_run)
+
+    for stage, text in (("analyze", "layer-wise similarity of new vs old languages -> similarity.json"),
+                        ("allocate", "similarity -> experts per layer and classifier layers -> allocation.json")):
+        p = sub.add_parser(stage, help=text)
+        _add_config_args(p)
+        p.add_argument("--round", help="only this round (by name); default: every round in order")
+        p.add_argument("--force", action="store_true", help="re-run even when up to date")
+        p.set_defaults(func=_stage_command(stage))
+
+    p = sub.add_parser("plan", help="total / activated parameters of an expansion, without loading weights")
+    p.add_argument("--model", required=True, help="model directory or its config.json")
+    p.add_argument("--allocation", help="allocation.json")
+    p.add_argument("--experts", type=int, help="uniform: total experts per layer (instead of --allocation)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("show-config", help="print the fully resolved config (dry run)")
+    _add_config_args(p)
+    p.set_defaults(func=_show_config)
+
+    p = sub.add_parser("build-corpus", help="build the offline LibreOffice corpus into the cache")
+    p.add_argument("--languages", nargs="+", default=["en", "es", "zh", "el", "hu", "tr", "hi", "bn", "ne"])
+    p.add_argument("--cache-dir", help="default: $LAYERMOE_CACHE or ~/.cache/layermoe")
+    p.set_defaults(func=_build_corpus)
+
+    p = sub.add_parser("prepare-model", help="convert the built-in SmolLM2-135M to an HF directory in the cache")
+    p.add_argument("--cache-dir", help="default: $LAYERMOE_CACHE or ~/.cache/layermoe")
+    p.set_defaults(func=_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LayerMoEError as e:
+        log.error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated up front.
+
+One ``RunConfig`` describes a whole lifelong expansion: the base model, the languages it already knows,
+the expansion rounds (each a named group of new languages), where each language's text comes from, and
+the settings of every stage. Every error names the offending field, e.g. ``analyze.batch_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import LayerMoEError
+
+
+class ConfigError(LayerMoEError):
+    """The configuration is invalid; the message starts with the field's dotted path."""
+
+
+def default_cache_dir() -> Path:
+    """Where built artifacts shared between runs live (converted model, corpora): $LAYERMOE_CACHE or ~/.cache/layermoe."""
+    return Path(os.path.expanduser(os.environ.get("LAYERMOE_CACHE", "~/.cache/layermoe")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The dense base model: ``default`` (built-in SmolLM2-135M, converted offline) or a local HF directory."""
+
+    path: str = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class SourceConfig:
+    """One language's local corpus. ``format: auto`` infers it from the file extension."""
+
+    path: str
+    format: Literal["auto", "jsonl", "text", "parquet", "dataset"] = "auto"
+    field: str = "text"
+    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+
+
+@dataclass
+class DataConfig:
+    """Where each language's text comes from, and how it is split into train and held-out parts."""
+
+    builtin_corpus: Literal["libreoffice", "none"] = "libreoffice"
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    heldout_fraction: float = 0.05
+    split_seed: int = 0
+
+
+@dataclass
+class RoundConfig:
+    """One expansion round: a named group of new languages."""
+
+    name: str
+    languages: list[str]
+    allocate: AllocateConfig | None = None  # replaces the run-wide allocate settings for this round
+
+
+@dataclass
+class AnalyzeConfig:
+    """Layer-wise similarity of FFN inputs (PAPER.md 3.1)."""
+
+    tokens_per_language: int = 100_000
+    max_length: int = 1024  # longer documents are cut into chunks of this many tokens
+    batch_size: int = 8  # 1 = every chunk forwarded alone (the reference); >1 = right-padded batches
+    include_special_tokens: bool = False  # whether BOS/EOS/other special tokens count
+
+
+@dataclass
+class AllocateConfig:
+    """How similarity becomes experts per layer, and which layers get a routing classifier (PAPER.md 3.2-3.3)."""
+
+    method: Literal["reference", "budget", "uniform", "explicit"] = "reference"
+    delta: float | None = None  # reference: N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)
+    budget: int | None = None  # budget: total NEW experts over all layers
+    experts_per_layer: int | None = None  # uniform: total experts per layer incl. the original
+    explicit: list[int] | None = None  # explicit: total experts per layer incl. the original
+    aggregation: Literal["nn_no_mean", "new_new", "new_old", "all_pairs"] = "nn_no_mean"
+    classifier_count: int = 7  # the K highest-similarity layers get a classifier ...
+    classifier_layers: list[int] | None = None  # ... unless listed explicitly
+
+
+@dataclass
+class RunConfig:
+    """A whole lifelong expansion run."""
+
+    name: str
+    old_languages: list[str]
+    rounds: list[RoundConfig]
+    run_dir: str = "runs/{name}"
+    cache_dir: str | None = None  # default: $LAYERMOE_CACHE, else ~/.cache/layermoe
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    allocate: AllocateConfig = field(default_factory=AllocateConfig)
+
+    # -- derived values ----------------------------------------------------------------------------------
+    @property
+    def run_path(self) -> Path:
+        return Path(os.path.expanduser(self.run_dir.format(name=self.name)))
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir)) if self.cache_dir else default_cache_dir()
+
+    def round_index(self, name: str) -> int:
+        for i, r in enumerate(self.rounds):
+            if r.name == name:
+                return i
+        raise ConfigError(f"--round: unknown round {name!r}; rounds are {[r.name for r in self.rounds]}")
+
+    def languages_before(self, round_index: int) -> list[str]:
+        """Languages the model knows when round ``round_index`` starts: the old ones plus earlier rounds'."""
+        known = list(self.old_languages)
+        for r in self.rounds[:round_index]:
+            known += r.languages
+        return known
+
+    def allocate_for(self, round_index: int) -> AllocateConfig:
+        return self.rounds[round_index].allocate or self.allocate
+
+    def all_languages(self) -> list[str]:
+        return self.languages_before(len(self.rounds))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building typed objects from plain data, with errors that name the field
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {non_none}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys, missing fields and wrong types are errors."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; valid fields here are {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required field is missing")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.path=value`` override to raw config data; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, e.g. analyze.batch_size=4")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r}: empty key component")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, here)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{here}: cannot override inside a {type(node).__name__}")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: {part!r} is not an index of a list of length {len(node)}")
+    return int(part)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Semantic validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _validate_allocate(a: AllocateConfig, where: str) -> None:
+    needs = {"reference": "delta", "budget": "budget", "uniform": "experts_per_layer", "explicit": "explicit"}
+    _require(getattr(a, needs[a.method]) is not None, f"{where}.{needs[a.method]}",
+             f"required when {where}.method is {a.method!r}")
+    if a.delta is not None:
+        _require(a.delta > 0, f"{where}.delta", f"must be positive, got {a.delta}")
+    if a.budget is not None:
+        _require(a.budget > 0, f"{where}.budget", f"must be positive, got {a.budget}")
+    if a.experts_per_layer is not None:
+        _require(a.experts_per_layer >= 1, f"{where}.experts_per_layer", "must be >= 1 (the original expert)")
+    if a.explicit is not None:
+        _require(all(n >= 1 for n in a.explicit), f"{where}.explicit", "every layer needs >= 1 expert")
+    _require(a.classifier_count >= 0, f"{where}.classifier_count", "must be >= 0")
+
+
+def known_languages(config: RunConfig) -> set[str]:
+    """Languages that have a text source: configured sources plus, if enabled, the built-in corpus."""
+    known = set(config.data.sources)
+    if config.data.builtin_corpus == "libreoffice":
+        from pipeline.libreoffice_corpus import SUPPORTED_LANGUAGES
+
+        known |= set(SUPPORTED_LANGUAGES)
+    return known
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check everything that can be checked without touching files; return the config."""
+    _require(bool(config.name.strip()), "name", "must not be empty")
+    _require(len(config.old_languages) > 0, "old_languages", "at least one language the base model knows")
+    _require(len(config.rounds) > 0, "rounds", "at least one expansion round")
+    known = known_languages(config)
+    seen: dict[str, str] = {}
+    groups = [("old_languages", config.old_languages)] + [
+        (f"rounds[{i}].languages", r.languages) for i, r in enumerate(config.rounds)
+    ]
+    round_names = set()
+    for i, r in enumerate(config.rounds):
+        _require(r.name not in round_names, f"rounds[{i}].name", f"duplicate round name {r.name!r}")
+        _require(r.name.replace("-", "").replace("_", "").isalnum(), f"rounds[{i}].name",
+                 f"{r.name!r}: use letters, digits, '-' and '_' only (it names a directory)")
+        round_names.add(r.name)
+        _require(len(r.languages) > 0, f"rounds[{i}].languages", "a round needs at least one new language")
+        if r.allocate is not None:
+            _validate_allocate(r.allocate, f"rounds[{i}].allocate")
+    for where, langs in groups:
+        for lang in langs:
+            _require(lang in known, where,
+                     f"unknown language {lang!r}: no data.sources entry"
+                     + (" and not in the built-in corpus" if config.data.builtin_corpus != "none" else "")
+                     + f"; known: {sorted(known)}")
+            _require(lang not in seen, where, f"language {lang!r} already appears in {seen.get(lang)}")
+            seen[lang] = where
+    _require(0 < config.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
+    a = config.analyze
+    _require(a.tokens_per_language > 0, "analyze.tokens_per_language", "must be positive")
+    _require(a.max_length >= 2, "analyze.max_length", "must be >= 2")
+    _require(a.batch_size >= 1, "analyze.batch_size", "must be >= 1")
+    _validate_allocate(config.allocate, "allocate")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides, build and validate a ``RunConfig``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(from_dict(RunConfig, data))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config object (for manifests and the saved copy of the run's config)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

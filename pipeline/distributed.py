@@ -1,0 +1,58 @@
+"""torch.distributed set-up shared by the stages: initialise from the launcher's environment, always clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current() -> DistInfo:
+    """Rank and world size of this process (0 / 1 when torch.distributed is not initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size())
+    return DistInfo(0, 1)
+
+
+@contextlib.contextmanager
+def distributed_from_env() -> Iterator[DistInfo]:
+    """Initialise a process group when launched with WORLD_SIZE > 1 (torchrun / deepspeed set it), and
+    destroy it on exit. A process group that is already initialised is used and left alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    try:
+        yield current()
+    finally:
+        if owns:
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (no-op in a single process)."""
+    if current().world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op in a single process)."""
+    if current().world_size > 1:
+        dist.barrier()

@@ -1,0 +1,149 @@
+"""The stages as pipeline steps: where each reads its inputs and writes its outputs, and the whole-run loop.
+
+Layout of a run directory::
+
+    runs/<name>/<round>/analyze/   similarity.json, similarity.png, manifest.json
+    runs/<name>/<round>/allocate/  allocation.json, allocation.png, manifest.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline import log
+from pipeline.allocate import allocate
+from pipeline.analyze import language_means
+from pipeline.atomic import write_json
+from pipeline.base_model import load_causal_lm, pick_device, read_model_config, resolve_model_path
+from pipeline.config import RunConfig, to_dict
+from pipeline.corpus import iter_documents, resolve_source
+from pipeline.errors import LayerMoEError
+from pipeline.manifest import StageSpec, run_stage
+from pipeline.packing import load_tokenizer
+from pipeline.plan import format_plan, plan
+from pipeline.plots import plot_allocation, plot_similarity
+from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
+
+STAGES = ("analyze", "allocate")
+
+
+class RoundNotReady(LayerMoEError):
+    """A round's input model (the previous round's trained model) does not exist yet."""
+
+
+def stage_dir(config: RunConfig, round_index: int, stage: str) -> Path:
+    return config.run_path / config.rounds[round_index].name / stage
+
+
+def trained_model_dir(config: RunConfig, round_index: int) -> Path:
+    """Where round ``round_index``'s final (stage-2 trained) expanded model lives."""
+    return stage_dir(config, round_index, "train_stage2") / "model"
+
+
+def round_input_model(config: RunConfig, round_index: int) -> Path:
+    """The model a round starts from: the base model for the first round, else the previous round's result."""
+    if round_index == 0:
+        return resolve_model_path(config.model, config.cache_path)
+    previous = trained_model_dir(config, round_index - 1)
+    if not previous.is_dir():
+        raise RoundNotReady(f"round {config.rounds[round_index].name!r} starts from round "
+                            f"{config.rounds[round_index - 1].name!r}'s trained model at {previous}, which does not exist")
+    return previous
+
+
+def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """analyze: similarity.json + similarity.png for one round."""
+    rnd = config.rounds[round_index]
+    old, new = config.languages_before(round_index), list(rnd.languages)
+    model_path = round_input_model(config, round_index)
+    sources = {lang: resolve_source(config, lang) for lang in old + new}
+    spec = StageSpec(
+        stage="analyze", round_name=rnd.name, out_dir=stage_dir(config, round_index, "analyze"),
+        config_slice={"analyze": to_dict(config.analyze), "old": old, "new": new, "model_dtype": config.model.dtype,
+                      "split": {"heldout_fraction": config.data.heldout_fraction, "seed": config.data.split_seed},
+                      "sources": {lang: {**dataclasses.asdict(s), "path": str(s.path)} for lang, s in sources.items()}},
+        inputs={"model": model_path, **{f"corpus:{lang}": s.path for lang, s in sources.items()}},
+    )
+
+    def body(out: Path | None) -> dict:
+        a = config.analyze
+        device = pick_device(config.model.device)
+        log.info(f"analyze: loading {model_path} ({config.model.dtype}, {device})")
+        model = load_causal_lm(model_path, config.model.dtype, device)
+        tokenizer = load_tokenizer(model_path)
+        documents = {lang: iter_documents(sources[lang], "train", config.data.heldout_fraction, config.data.split_seed)
+                     for lang in old + new}
+        means, counts = language_means(model, tokenizer, documents, a.tokens_per_language, a.max_length,
+                                       a.batch_size, a.include_special_tokens)
+        pairs = pairwise_similarities(means)
+        sim = Similarity(old, new, len(next(iter(means.values()))), pairs,
+                         layer_scores(pairs, old, new, "nn_no_mean"), "nn_no_mean")
+        if out is not None:
+            write_json(out / "similarity.json", sim.to_json(tokens=counts, model=str(model_path)))
+            groups = {k: v for k, v in group_similarities(pairs, old, new).items() if k != "all_pairs"}
+            plot_similarity(groups, sim.layer_scores, f"{rnd.name}: new {new} vs old {old}", out / "similarity.png")
+        lo, hi = min(sim.layer_scores), max(sim.layer_scores)
+        log.info(f"analyze {rnd.name}: S ranges {lo:.4f}..{hi:.4f} over {sim.num_layers} layers "
+                 f"(lowest at layer {sim.layer_scores.index(lo)}, highest at layer {sim.layer_scores.index(hi)})")
+        return {"tokens": counts, "num_layers": sim.num_layers}
+
+    return run_stage(spec, body, force)
+
+
+def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """allocate: allocation.json + allocation.png for one round, from that round's similarity.json."""
+    rnd = config.rounds[round_index]
+    settings = config.allocate_for(round_index)
+    model_path = round_input_model(config, round_index)
+    similarity_file = stage_dir(config, round_index, "analyze") / "similarity.json"
+    spec = StageSpec(
+        stage="allocate", round_name=rnd.name, out_dir=stage_dir(config, round_index, "allocate"),
+        config_slice={"allocate": to_dict(settings)},
+        inputs={"similarity": similarity_file, "model_config": model_path / "config.json"},
+    )
+
+    def body(out: Path | None) -> dict:
+        model_config = read_model_config(model_path)
+        num_layers = model_config["num_hidden_layers"]
+        sim = read_similarity(similarity_file)
+        scores = layer_scores(sim.pairs, sim.old, sim.new, settings.aggregation)
+        result = allocate(settings, scores, num_layers)
+        params = plan(model_config, result.experts_per_layer, result.classifier_layers)
+        log.info(f"allocate {rnd.name}: {result.method} -> experts per layer {result.experts_per_layer} "
+                 f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
+        log.info("parameter plan (top-2):\n" + format_plan(params))
+        if out is not None:
+            write_json(out / "allocation.json", result.to_json(
+                aggregation=settings.aggregation, round=rnd.name, new_languages=rnd.languages,
+                parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total}))
+            plot_allocation(result.experts_per_layer, result.classifier_layers,
+                            f"{rnd.name}: {sum(result.new_experts_per_layer)} new experts ({result.method})",
+                            out / "allocation.png")
+        return {"total_new_experts": sum(result.new_experts_per_layer), "classifier_layers": result.classifier_layers}
+
+    if not similarity_file.is_file():
+        raise LayerMoEError(f"allocate {rnd.name}: {similarity_file} does not exist; run the analyze stage first")
+    return run_stage(spec, body, force)
+
+
+STAGE_FUNCTIONS = {"analyze": run_analyze, "allocate": run_allocate}
+
+
+def run_pipeline(config: RunConfig, force: bool = False) -> None:
+    """Every available stage of every round, in order; finished stages are skipped.
+
+    A round after the first needs the previous round's trained model; when it is not there the run stops
+    with a message saying so (exit status 0: everything that could run has run).
+    """
+    config.run_path.mkdir(parents=True, exist_ok=True)
+    write_json(config.run_path / "config.json", to_dict(config))
+    for r, rnd in enumerate(config.rounds):
+        try:
+            round_input_model(config, r)
+        except RoundNotReady as e:
+            log.info(f"stopping before round {rnd.name!r}: {e}. The stages in this version are {list(STAGES)}.")
+            return
+        for stage in STAGES:
+            STAGE_FUNCTIONS[stage](config, r, force)
+    log.info(f"run complete: {config.run_path}")
