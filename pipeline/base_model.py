@@ -63,8 +63,8 @@ def load_causal_lm(path: Path, dtype: str = "float32", device: str = "cpu") -> t
                             f"(*.safetensors or pytorch_model*.bin)")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise LayerMoEError(f"cannot load model from {str(path)!r}: {e}") from e
+    except Exception as e:  # corrupt or mismatched checkpoints raise many types (SafetensorError, OSError, ...)
+        raise LayerMoEError(f"cannot load model from {str(path)!r}: {type(e).__name__}: {e}") from e
     return model.to(device).eval()
 
 

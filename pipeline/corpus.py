@@ -109,10 +109,12 @@ def is_heldout(text: str, fraction: float, seed: int) -> bool:
 
 
 def iter_documents(source: LanguageSource, split: Split, heldout_fraction: float, seed: int) -> Iterator[str]:
-    """Stream the non-empty documents of one split, in corpus order. An empty corpus is an error."""
+    """Stream the non-empty documents of one split (surrounding whitespace stripped), in corpus order.
+    An empty corpus is an error."""
     any_text = False
     for text in _raw_texts(source):
-        if not isinstance(text, str) or not text.strip():
+        text = text.strip() if isinstance(text, str) else ""
+        if not text:
             continue
         any_text = True
         if is_heldout(text, heldout_fraction, seed) == (split == "heldout"):

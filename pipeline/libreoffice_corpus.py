@@ -170,15 +170,16 @@ def read_mo(data: bytes) -> dict[str, str]:
 
 
 _CJK_MNEMONIC = re.compile(r"\s?\([_~][^\s)]\)")
+_IDENTIFIER_UNDERSCORE = re.compile(r"[%$<]\w*_|[A-Z]_[A-Z]")  # %FILE_NAME, $error_message$, <wizard_name>, SUM_X
 
 
 def clean_ui_string(text: str) -> str:
     """Drop keyboard-accelerator markers: ``~Open``, ``Categor_y``, ``保存(_S)`` -> ``Open``, ``Category``, ``保存``.
 
-    A ``_`` is taken for a marker only when it is the string's single underscore.
+    A ``_`` is taken for a marker only when it is the string's single underscore and not part of an identifier.
     """
     text = _CJK_MNEMONIC.sub("", text).replace("~", "")
-    if text.count("_") == 1:
+    if text.count("_") == 1 and not _IDENTIFIER_UNDERSCORE.search(text):
         text = re.sub(r"_(?=\w)", "", text)
     return text.strip()
 
@@ -282,7 +283,7 @@ def _load_package(package: str, cache: Path, extract: Extractor) -> dict[str, An
         else:
             content["ui"] = read_ui_tree(root, package)
             count = f"{sum(map(len, content['ui'].values()))} strings in {len(content['ui'])} .mo files"
-    atomic.write_json(path, content)
+    atomic.write_text(path, json.dumps(content, ensure_ascii=False))
     log.info(f"parsed {package}: {count}")
     return content
 
@@ -399,7 +400,7 @@ def build_from_packages(languages: Sequence[str], cache_dir: Path, extract: Extr
                 *_ui_documents(english_ui if lang == "en" else ui_catalogs.get(lang, {}), english=lang == "en"),
             ]
             stats[lang] = _write_jsonl(staged.documents_path(lang), docs)
-        parallel = list(_parallel_entries({lang: help_pages[lang] for lang in help_langs}, ui_catalogs))
+        parallel = list(_parallel_entries(help_pages, ui_catalogs))
         _write_jsonl(staged.parallel_path, parallel)
         for lang in langs:
             stats[lang]["parallel_entries"] = sum(lang in entry for entry in parallel)

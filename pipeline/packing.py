@@ -15,10 +15,11 @@ import torch
 from pipeline.errors import LayerMoEError
 
 
-def load_tokenizer(path: str | Path):
-    """Load a tokenizer from an HF directory, or from a bare SentencePiece ``tokenizer.model`` file/dir.
+def load_tokenizer(path: str | Path, backend: str = "auto"):
+    """Load a tokenizer from an HF directory, or from a SentencePiece ``tokenizer.model`` (file or directory).
 
-    Fast (``tokenizer.json``) and SentencePiece-backed tokenizers both work.
+    ``backend``: ``auto`` (fast ``tokenizers`` backend where it can be built, converting a bare SentencePiece
+    model), ``sentencepiece`` (the slow Python SentencePiece backend; needs a ``tokenizer.model``).
     """
     from transformers import AutoTokenizer
 
@@ -26,17 +27,28 @@ def load_tokenizer(path: str | Path):
     if not path.exists():
         raise LayerMoEError(f"tokenizer path {str(path)!r} does not exist")
     spm_file = path if path.is_file() else path / "tokenizer.model"
-    has_hf_files = path.is_dir() and any(
-        (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    )
-    if has_hf_files:
-        return AutoTokenizer.from_pretrained(str(path))
-    if spm_file.is_file() and spm_file.suffix == ".model":
-        from transformers import LlamaTokenizer
+    if backend == "sentencepiece" or path.is_file():
+        if not spm_file.is_file():
+            raise LayerMoEError(f"no SentencePiece tokenizer.model at {str(path)!r}")
+        return _sentencepiece_tokenizer(spm_file)
+    known = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((path / name).exists() for name in known):
+        raise LayerMoEError(f"no tokenizer found in {str(path)!r} (expected one of {', '.join(known)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LayerMoEError(f"cannot load the tokenizer in {str(path)!r}: {e}") from e
 
-        return LlamaTokenizer(vocab_file=str(spm_file))
-    raise LayerMoEError(f"no tokenizer found at {str(path)!r} (expected tokenizer.json, tokenizer_config.json "
-                        f"or a SentencePiece tokenizer.model)")
+
+def _sentencepiece_tokenizer(model_file: Path):
+    import sentencepiece
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    special = {name: sp.id_to_piece(i) for name, i in
+               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
+               if i >= 0}
+    return SentencePieceBackend(vocab_file=str(model_file), **special)
 
 
 def encode_document(tokenizer, text: str) -> list[int]:

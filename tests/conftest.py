@@ -1,0 +1,113 @@
+"""Shared fixtures: a synthetic multilingual corpus, a SentencePiece tokenizer trained on it, tiny random models.
+
+Nothing here touches a network: the tokenizer is trained locally and models are built from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+ALPHABETS = {
+    "en": "abcdefghijklmnopqrstuvwxyz",
+    "el": "αβγδεζηθικλμνξοπρστυφχψω",
+    "hu": "aábcdeéfghiíjklmnoóöőprstuúüűvz",
+    "tr": "abcçdefgğhıijklmnoöprsştuüvyz",
+}
+
+
+def synthetic_documents(lang: str, n: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-text in ``lang``'s alphabet: ``n`` documents of 1-3 sentences."""
+    rng = random.Random(f"{lang}-{seed}")
+    alphabet = ALPHABETS[lang]
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(1, 3)):
+            words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 7))) for _ in range(rng.randint(4, 14))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """One jsonl file per language (en, el, hu, tr), 200 documents each."""
+    root = tmp_path_factory.mktemp("corpus")
+    for lang in ALPHABETS:
+        write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 200))
+    return root
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory, corpus_dir) -> Path:
+    """A 400-piece BPE SentencePiece model trained on the synthetic corpus (<unk>=0, <s>=1, </s>=2, <pad>=3)."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("spm")
+    text = root / "train.txt"
+    text.write_text("\n".join(t for lang in ALPHABETS for t in synthetic_documents(lang, 200)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(root / "tokenizer"), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    return root / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, spm_model) -> Path:
+    """An HF tokenizer directory (fast backend) converted from the SentencePiece model."""
+    from pipeline.packing import load_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "tokenizer.model").write_bytes(spm_model.read_bytes())
+    load_tokenizer(root).save_pretrained(root)
+    return root
+
+
+def tiny_config(model_type: str, vocab_size: int = 512, layers: int = 3):
+    """A tiny random-model config of a supported architecture (vocab leaves room for tokens a tokenizer class adds)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma3_text": Gemma3TextConfig}[model_type]
+    if model_type == "gemma3_text":
+        common.update(head_dim=8, sliding_window=16, layer_types=None)
+    return cls(**common)
+
+
+def make_tiny_model(root: Path, model_type: str, tokenizer_dir: Path | None = None, seed: int = 0,
+                    layers: int = 3) -> Path:
+    """Save a tiny random model (and the test tokenizer) as an HF directory; returns it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers=layers))
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            (root / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir)

@@ -1,0 +1,77 @@
+"""Allocation formulas: the paper's Llama-3.2-3B list, exact budgets, classifier layers, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeline.allocate import allocate, budget_allocation, classifier_layers_by_similarity, reference_allocation
+from pipeline.config import AllocateConfig
+from pipeline.errors import LayerMoEError
+
+LLAMA_3B_S = [0.0359, 0.0402, 0.0352, 0.0503, 0.0636, 0.0698, 0.0842, 0.0960, 0.0945, 0.0978, 0.1060, 0.1094,
+              0.1164, 0.1074, 0.1152, 0.1109, 0.0973, 0.0907, 0.0830, 0.0835, 0.0778, 0.0683, 0.0685, 0.0548,
+              0.0498, 0.0497, 0.0481, 0.0453]
+LLAMA_3B_N = [5, 5, 5, 4, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4]
+
+
+def test_reference_reproduces_llama_3b_list():
+    experts = reference_allocation(LLAMA_3B_S, delta=70)
+    assert experts == LLAMA_3B_N
+    assert sum(experts) == 84 and sum(n - 1 for n in experts) == 56
+
+
+def test_reference_through_allocate_keeps_contract_fields():
+    result = allocate(AllocateConfig(method="reference", delta=70, classifier_count=7), LLAMA_3B_S, 28)
+    doc = result.to_json()
+    assert doc["experts_per_layer"] == LLAMA_3B_N
+    assert doc["new_experts_per_layer"] == [n - 1 for n in LLAMA_3B_N]
+    assert doc["method"] == "reference" and doc["delta"] == 70
+    # the 7 most similar layers of the list above
+    assert doc["classifier_layers"] == sorted(sorted(range(28), key=lambda i: -LLAMA_3B_S[i])[:7])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_is_exact_with_one_new_expert_per_layer(seed):
+    rng = random.Random(seed)
+    layers = rng.randint(1, 40)
+    scores = [rng.uniform(0.01, 0.5) for _ in range(layers)]
+    budget = rng.randint(layers, 6 * layers)
+    experts = budget_allocation(scores, budget)
+    assert sum(n - 1 for n in experts) == budget
+    assert min(experts) >= 2
+    # less similar layers never get fewer experts than more similar ones
+    order = sorted(range(layers), key=lambda i: scores[i])
+    assert all(experts[a] >= experts[b] for a, b in zip(order, order[1:]))
+
+
+def test_budget_matches_proportions_when_they_divide_evenly():
+    # 1/S = 4, 2, 2 -> rest 8 shared 4:2:2
+    assert budget_allocation([0.25, 0.5, 0.5], 11) == [1 + 1 + 4, 1 + 1 + 2, 1 + 1 + 2]
+
+
+def test_uniform_and_explicit():
+    assert allocate(AllocateConfig(method="uniform", experts_per_layer=6, classifier_count=0), None, 24).experts_per_layer == [6] * 24
+    result = allocate(AllocateConfig(method="explicit", explicit=[1, 3, 2], classifier_layers=[2, 0]), None, 3)
+    assert result.experts_per_layer == [1, 3, 2] and result.new_experts_per_layer == [0, 2, 1]
+    assert result.classifier_layers == [0, 2]
+
+
+def test_classifier_layers_are_the_most_similar():
+    assert classifier_layers_by_similarity([0.1, 0.5, 0.3, 0.5, 0.2], 3) == [1, 2, 3]
+    assert classifier_layers_by_similarity([0.1, 0.2], 5) == [0, 1]
+
+
+@pytest.mark.parametrize("settings, scores, layers, message", [
+    (AllocateConfig(method="reference", delta=10), [0.1] * 28, 28, "smaller than the number of layers"),
+    (AllocateConfig(method="budget", budget=5), [0.1] * 6, 6, "smaller than the number of layers"),
+    (AllocateConfig(method="reference", delta=50), [0.1, -0.2, 0.3], 3, "positive"),
+    (AllocateConfig(method="reference", delta=50), [0.1, 0.0, 0.3], 3, "positive"),
+    (AllocateConfig(method="explicit", explicit=[2, 2]), None, 3, "has 2 entries"),
+    (AllocateConfig(method="uniform", experts_per_layer=2, classifier_layers=[5]), None, 3, "outside layers"),
+    (AllocateConfig(method="reference", delta=50), [0.1, 0.2], 3, "2 similarity scores for a model with 3"),
+])
+def test_bad_input(settings, scores, layers, message):
+    with pytest.raises(LayerMoEError, match=message):
+        allocate(settings, scores, layers)

@@ -1,0 +1,39 @@
+"""Parameter counts from a model config, without weights."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.plan import plan
+
+QWEN15_18B = dict(model_type="qwen2", hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                  vocab_size=151936, num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+
+
+def two_significant_digits_truncated(x: float) -> float:
+    exponent = math.floor(math.log10(x)) - 1
+    return math.floor(x / 10**exponent) * 10**exponent
+
+
+def test_qwen15_18b_six_experts_top2():
+    p = plan(QWEN15_18B, [6] * 24, [], top_k=2)
+    h, f, L, V = 2048, 5504, 24, 151936
+    expert = 3 * h * f
+    assert p.expert_params_per_layer == [expert] * L and expert == 33_816_576
+    attention = 4 * h * h + 3 * h  # q, k, v with bias, o without
+    dense = 2 * V * h + L * (attention + expert + 2 * h) + h
+    assert p.dense_total == dense  # the meta-device model agrees with the hand count
+    routers = L * h * 6
+    assert p.total == dense + 5 * L * expert + routers
+    assert p.activated == dense + 1 * L * expert + routers
+    # MoE-LPR reports 5.8B total and 2.6B activated (two significant digits, truncated: 5.895B and 2.649B)
+    assert two_significant_digits_truncated(p.total) == 5.8e9
+    assert two_significant_digits_truncated(p.activated) == 2.6e9
+
+
+def test_classifier_and_dense_layers():
+    p = plan(QWEN15_18B | dict(num_hidden_layers=2), [1, 3], [1], top_k=2)
+    h = 2048
+    assert p.routers == 3 * h  # a dense layer has no router
+    assert p.classifiers == 2 * h
+    assert p.activated == p.dense_total + p.expert_params_per_layer[1] + p.routers + p.classifiers
