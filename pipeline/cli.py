@@ -37,8 +37,8 @@ def _stage_command(stage: str):
         from pipeline.distributed import distributed_from_env
 
         config = _load(args)
-        rounds = [config.round_index(args.round)] if args.round else range(len(config.rounds))
         with distributed_from_env():
+            rounds = [config.round_index(args.round)] if args.round else runner.ready_rounds(config)
             for r in rounds:
                 runner.STAGE_FUNCTIONS[stage](config, r, args.force)
     return command

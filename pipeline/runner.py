@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Iterator
 
 from pipeline import log
 from pipeline.allocate import allocate
@@ -130,20 +131,26 @@ def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Pa
 STAGE_FUNCTIONS = {"analyze": run_analyze, "allocate": run_allocate}
 
 
-def run_pipeline(config: RunConfig, force: bool = False) -> None:
-    """Every available stage of every round, in order; finished stages are skipped.
+def ready_rounds(config: RunConfig) -> Iterator[int]:
+    """Round indices in order, as long as each round's input model exists.
 
-    A round after the first needs the previous round's trained model; when it is not there the run stops
-    with a message saying so (exit status 0: everything that could run has run).
+    A round after the first needs the previous round's trained model; when it is not there this logs why
+    and stops (not an error: everything that could run has run).
     """
-    config.run_path.mkdir(parents=True, exist_ok=True)
-    write_json(config.run_path / "config.json", to_dict(config))
     for r, rnd in enumerate(config.rounds):
         try:
             round_input_model(config, r)
         except RoundNotReady as e:
             log.info(f"stopping before round {rnd.name!r}: {e}. The stages in this version are {list(STAGES)}.")
             return
+        yield r
+
+
+def run_pipeline(config: RunConfig, force: bool = False) -> None:
+    """Every available stage of every ready round, in order; finished stages are skipped."""
+    config.run_path.mkdir(parents=True, exist_ok=True)
+    write_json(config.run_path / "config.json", to_dict(config))
+    for r in ready_rounds(config):
         for stage in STAGES:
             STAGE_FUNCTIONS[stage](config, r, force)
     log.info(f"run complete: {config.run_path}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,10 @@ def make_tiny_model(root: Path, model_type: str, tokenizer_dir: Path | None = No
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

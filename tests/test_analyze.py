@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import make_tiny_model, synthetic_documents
+from conftest import free_port, make_tiny_model, synthetic_documents
 from pipeline.analyze import accumulate_unit_sums, language_means, token_chunks
 from pipeline.base_model import ffn_modules, load_causal_lm
 from pipeline.packing import load_tokenizer
@@ -117,12 +116,6 @@ def test_empty_language_is_an_error(tiny_llama):
         language_means(model, tokenizer, {"el": iter([])}, 100, 64, 4, False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank: int, world: int, port: int, model_dir: str, out: dict):
     import torch.distributed as dist
 
@@ -144,7 +137,7 @@ def test_data_parallel_equals_single_process(tiny_llama):
     single = pairwise_similarities(means)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_distributed_worker, args=(2, _free_port(), str(tiny_llama), out), nprocs=2, join=True)
+        mp.spawn(_distributed_worker, args=(2, free_port(), str(tiny_llama), out), nprocs=2, join=True)
         results = dict(out)
     for rank in (0, 1):
         pairs, rank_counts = results[rank]

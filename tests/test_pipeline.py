@@ -1,0 +1,110 @@
+"""The analyze -> allocate pipeline through the command line: artifacts, manifests, skipping, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_config(tmp_path, tokenizer_dir) -> Path:
+    model = make_tiny_model(tmp_path / "model", "llama", tokenizer_dir, seed=3, layers=4)
+    for lang in ("en", "el", "hu", "tr"):
+        write_jsonl(tmp_path / "data" / f"{lang}.jsonl", synthetic_documents(lang, 60, seed=9))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+name: t
+run_dir: {tmp_path}/runs/{{name}}
+old_languages: [en]
+rounds:
+  - {{name: g1, languages: [el, hu, tr]}}
+  - {{name: g2, languages: [hu2]}}
+model: {{path: {model}}}
+data:
+  builtin_corpus: none
+  sources:
+    en: {{path: {tmp_path}/data/en.jsonl}}
+    el: {{path: {tmp_path}/data/el.jsonl}}
+    hu: {{path: {tmp_path}/data/hu.jsonl}}
+    tr: {{path: {tmp_path}/data/tr.jsonl}}
+    hu2: {{path: {tmp_path}/data/hu.jsonl}}
+analyze: {{tokens_per_language: 500, batch_size: 4, max_length: 64}}
+allocate: {{method: reference, delta: 9, classifier_count: 2}}
+""")
+    return config
+
+
+def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_path, capsys):
+    assert main(["run", str(run_config)]) == 0
+    g1 = tmp_path / "runs" / "t" / "g1"
+    sim = json.loads((g1 / "analyze" / "similarity.json").read_text())
+    assert sim["languages"] == {"old": ["en"], "new": ["el", "hu", "tr"]}
+    assert sim["num_layers"] == 4 and len(sim["layer_scores"]) == 4
+    assert set(sim["pairs"]) == {"en|el", "en|hu", "en|tr", "el|hu", "el|tr", "hu|tr"}
+    assert sim["tokens"] == {lang: 500 for lang in ("en", "el", "hu", "tr")}
+    alloc = json.loads((g1 / "allocate" / "allocation.json").read_text())
+    assert sum(alloc["experts_per_layer"]) >= 9 and len(alloc["classifier_layers"]) == 2
+    assert alloc["new_experts_per_layer"] == [n - 1 for n in alloc["experts_per_layer"]]
+    for stage in ("analyze", "allocate"):
+        manifest = json.loads((g1 / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["wall_time_s"] >= 0
+        assert "torch" in manifest["versions"] and manifest["inputs"]
+    assert (g1 / "analyze" / "similarity.png").stat().st_size > 1000
+    assert (g1 / "allocate" / "allocation.png").stat().st_size > 1000
+    err = capsys.readouterr().err
+    assert "stopping before round 'g2'" in err  # round 2 needs round 1's trained model
+
+    before = (g1 / "analyze" / "manifest.json").read_text()
+    assert main(["run", str(run_config)]) == 0
+    assert "g1/analyze: up to date" in capsys.readouterr().err
+    assert (g1 / "analyze" / "manifest.json").read_text() == before
+
+    # a changed allocate setting re-runs allocate only
+    assert main(["allocate", str(run_config), "allocate.delta=12", "--round", "g1"]) == 0
+    err = capsys.readouterr().err
+    assert "g1/allocate: inputs or settings changed" in err and "analyze" not in err
+    assert sum(json.loads((g1 / "allocate" / "allocation.json").read_text())["experts_per_layer"]) >= 12
+
+
+def test_failing_stage_leaves_nothing_partial(run_config, tmp_path):
+    # an impossible budget fails inside allocate, after analyze succeeded
+    assert main(["run", str(run_config), "allocate.delta=2"]) == 2
+    g1 = tmp_path / "runs" / "t" / "g1"
+    assert (g1 / "analyze" / "manifest.json").exists()
+    assert not (g1 / "allocate").exists()
+    assert not [p for p in g1.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_bad_config_exits_nonzero_with_one_clear_line(run_config):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "analyze", str(run_config), "analyze.batch_size=-1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "ERROR: analyze.batch_size: must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torchrun_two_ranks_match_single_process(run_config, tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "stages/analyze.py", "--config", str(run_config), f"run_dir={single}"],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    dist = tmp_path / "dist"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "stages/analyze.py",
+                           "--config", str(run_config), f"run_dir={dist}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((single / "g1" / "analyze" / "similarity.json").read_text())
+    b = json.loads((dist / "g1" / "analyze" / "similarity.json").read_text())
+    assert a["tokens"] == b["tokens"]
+    for key in a["pairs"]:
+        assert max(abs(x - y) for x, y in zip(a["pairs"][key], b["pairs"][key])) < 1e-7  # batches differ per rank
