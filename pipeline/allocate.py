@@ -90,10 +90,12 @@ def budget_allocation(scores: list[float], budget: int) -> list[int]:
     return [2 + e for e in extra]
 
 
-def classifier_layers_by_similarity(scores: list[float], count: int) -> list[int]:
-    """The ``count`` layers with the highest similarity (ties: lower index first), in layer order."""
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return sorted(ranked[: min(count, len(scores))])
+def classifier_layers_by_similarity(scores: list[float], count: int, experts_per_layer: list[int]) -> list[int]:
+    """The ``count`` MoE layers (more than one expert) with the highest similarity (ties: lower index first),
+    in layer order. A dense layer has nothing to route, so it never gets a classifier."""
+    candidates = [i for i in range(len(scores)) if experts_per_layer[i] > 1]
+    ranked = sorted(candidates, key=lambda i: (-scores[i], i))
+    return sorted(ranked[:count])
 
 
 def allocate(settings: AllocateConfig, scores: list[float] | None, num_layers: int) -> Allocation:
@@ -115,12 +117,15 @@ def allocate(settings: AllocateConfig, scores: list[float] | None, num_layers: i
         bad = [i for i in settings.classifier_layers if not 0 <= i < num_layers]
         if bad:
             raise LayerMoEError(f"allocate.classifier_layers {bad} are outside layers 0..{num_layers - 1}")
+        dense = [i for i in settings.classifier_layers if experts[i] == 1]
+        if dense:
+            raise LayerMoEError(f"allocate.classifier_layers {dense} are dense (1 expert): a classifier needs new experts")
         classifiers = sorted(set(settings.classifier_layers))
     elif settings.classifier_count == 0:
         classifiers = []
     else:
         classifiers = classifier_layers_by_similarity(_required_scores(scores, "classifier_count"),
-                                                      settings.classifier_count)
+                                                      settings.classifier_count, experts)
     return Allocation(experts, classifiers, m, layer_scores=scores,
                       delta=settings.delta if m == "reference" else None,
                       budget=settings.budget if m == "budget" else None)

@@ -55,6 +55,16 @@ def token_chunks(documents: Iterable[str], tokenizer, tokens_per_language: int, 
     return chunks, total
 
 
+def add_unit_vectors(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``acc[h] += sum_t weight[t] * x[t] / |x[t]|`` over all leading dims of ``x`` (float64 accumulator).
+
+    One matrix-vector product in fp32 per call: no per-token Python work, no copy of ``x`` beyond its unit form.
+    """
+    hidden = x.shape[-1]
+    unit = torch.nn.functional.normalize(x.float(), dim=-1).reshape(-1, hidden)
+    acc += (weight.reshape(1, -1).float() @ unit).reshape(hidden).double()
+
+
 def _batches(chunks: list[Chunk], batch_size: int) -> list[list[Chunk]]:
     ordered = sorted(chunks, key=lambda c: len(c.input_ids), reverse=True)
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
@@ -78,8 +88,7 @@ def accumulate_unit_sums(model: torch.nn.Module, chunks: list[Chunk], batch_size
     def hook_for(layer: int):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            unit = torch.nn.functional.normalize(x.float(), dim=-1)
-            sums[layer] += (unit * weights["mask"].unsqueeze(-1)).sum(dim=(0, 1)).double()
+            add_unit_vectors(sums[layer], x, weights["mask"])
         return hook
 
     handles = [ffn.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, ffn in enumerate(ffns)]
@@ -118,14 +127,14 @@ def language_means(model: torch.nn.Module, tokenizer, documents: dict[str, Itera
     """Mean unit FFN-input vector per language and layer, and the number of tokens each mean is over."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     means, counts = {}, {}
-    for lang, docs in documents.items():
+    for i, (lang, docs) in enumerate(documents.items()):
         chunks, count = token_chunks(docs, tokenizer, tokens_per_language, max_length, include_special_tokens)
         if count == 0:
             raise LayerMoEError(f"language {lang!r}: no tokens to analyse (empty training split?)")
         if count < tokens_per_language:
             log.warn(f"language {lang!r}: only {count:,} tokens available, fewer than the requested "
                      f"{tokens_per_language:,}; using {count:,}")
-        sums = accumulate_unit_sums(model, chunks, batch_size, pad_id, label=lang)
+        sums = accumulate_unit_sums(model, chunks, batch_size, pad_id, label=f"{lang} ({i + 1}/{len(documents)})")
         means[lang] = (sums / count).cpu()
         counts[lang] = count
     return means, counts

@@ -8,6 +8,7 @@ process and in streaming mode, and a document that occurs twice never lands on b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,16 @@ def resolve_source(config: RunConfig, language: str) -> LanguageSource:
         fmt = infer_format(path) if src.format == "auto" else src.format
         return LanguageSource(language, path, fmt, src.field, src.text_sample_by)
     if config.data.builtin_corpus == "libreoffice":
-        from pipeline.libreoffice_corpus import build_libreoffice_corpus
-
-        builtin = [lang for lang in config.all_languages() if lang not in config.data.sources]
-        corpus = build_libreoffice_corpus(builtin, config.cache_path)
-        return LanguageSource(language, corpus.documents_path(language), "jsonl")
+        builtin = tuple(lang for lang in config.all_languages() if lang not in config.data.sources)
+        return LanguageSource(language, _builtin_corpus(builtin, config.cache_path).documents_path(language), "jsonl")
     raise LayerMoEError(f"language {language!r} has no data.sources entry and the built-in corpus is off")
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin_corpus(languages: tuple[str, ...], cache_dir: Path):
+    from pipeline.libreoffice_corpus import build_libreoffice_corpus
+
+    return build_libreoffice_corpus(languages, cache_dir)
 
 
 def _data_files(path: Path) -> list[str]:

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import distributed, log
+from pipeline import __version__, distributed, log
 from pipeline.atomic import atomic_directory, write_json
 
 MANIFEST = "manifest.json"
@@ -80,7 +80,8 @@ class StageSpec:
 
 
 def fingerprint(config_slice: dict[str, Any], input_hashes: dict[str, str]) -> str:
-    blob = json.dumps({"config": config_slice, "inputs": input_hashes}, sort_keys=True, default=str)
+    """What decides whether a stage must re-run: its settings, its inputs, and the version of this code."""
+    blob = json.dumps({"config": config_slice, "inputs": input_hashes, "layermoe": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

