@@ -1,0 +1,230 @@
+"""The LayerMoE model: a dense HF causal LM whose FFNs are replaced by dropless top-k mixtures of experts.
+
+This file is copied into every saved checkpoint, so it imports nothing from the ``pipeline`` package.
+
+* ``LayerMoEBlock`` keeps the FFN contract (``[batch, seq, hidden]`` in and out). Expert 0 is the original FFN
+  module; the router is ``Linear(hidden, E, bias=False)`` evaluated in fp32; top-k weights are renormalised.
+  Tokens are grouped by expert (one gather, one scatter-add) and each expert runs once on its contiguous slice.
+* In classifier layers a ``Linear(hidden, 2, bias=False)`` on pooled FFN inputs makes a hard old/new decision:
+  "old" tokens go to expert 0 alone with weight exactly 1, "new" tokens are routed normally. Only the branch a
+  token needs is computed.
+* Per-forward routing data (router logits, chosen experts, classifier logits and decisions) is kept in
+  ``block.last_routing`` for losses and statistics; HF ``forward``/``generate`` are untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+try:
+    from .configuration_layermoe import LayerMoEConfig
+except ImportError:  # imported as a top-level module
+    from configuration_layermoe import LayerMoEConfig
+
+OLD, NEW = 0, 1  # classifier classes
+
+
+@dataclass
+class RoutingRecord:
+    """What one MoE block decided in the last forward; token dimension = flattened ``batch * seq``."""
+
+    router_logits: torch.Tensor  # [N, E] fp32
+    expert_indices: torch.Tensor  # [N, k] top-k experts (before any classifier override)
+    expert_weights: torch.Tensor  # [N, k] renormalised top-k weights
+    valid: torch.Tensor  # [N] bool: not padding
+    classifier_logits: torch.Tensor | None = None  # [N, 2] fp32
+    sent_to_original: torch.Tensor | None = None  # [N] bool: classifier said "old"
+
+
+class RoutingContext:
+    """Per-forward facts a block cannot see in its input tensor: which positions are padding, and whether this
+    forward continues a cached sequence. Set by a pre-hook on the decoder; shared by all blocks of a model."""
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        self.continues: bool = False
+
+    def valid_mask(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+            return torch.ones(batch, seq, dtype=torch.bool, device=device)
+        return mask[:, -seq:].to(device=device, dtype=torch.bool)
+
+
+def route_top_k(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 softmax, top-k, renormalised weights. Returns ``(probs [N,E], weights [N,k], indices [N,k])``."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, indices = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, weights, indices
+
+
+def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, token_index: torch.Tensor,
+                           expert_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum over assignments (t, e, w) of w * experts[e](x[t])``, dropless.
+
+    Assignments are sorted by expert (stable), the tokens gathered once, every expert applied to its contiguous
+    slice, and the weighted outputs scatter-added back. ``x``: [N, h]; the three index tensors: [M].
+    """
+    order = torch.argsort(expert_index, stable=True)
+    tokens = token_index[order]
+    counts = torch.bincount(expert_index, minlength=len(experts)).tolist()
+    gathered = x[tokens]
+    outputs = []
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            outputs.append(experts[e](gathered[start:start + count]))
+        start += count
+    if not outputs:
+        return torch.zeros_like(x)
+    weighted = torch.cat(outputs) * weight[order].unsqueeze(-1).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, weighted)
+
+
+class LayerMoEBlock(nn.Module):
+    """A decoder layer's FFN as a mixture of experts (see the module docstring)."""
+
+    def __init__(self, original_ffn: nn.Module, num_experts: int, hidden_size: int, top_k: int = 2,
+                 classifier: bool = False, pooling: str = "prefix", context: RoutingContext | None = None):
+        super().__init__()
+        if num_experts < 2:
+            raise ValueError(f"an MoE block needs >= 2 experts, got {num_experts}")
+        if pooling not in ("prefix", "sequence"):
+            raise ValueError(f"pooling must be 'prefix' or 'sequence', got {pooling!r}")
+        self.experts = nn.ModuleList([original_ffn] + [copy.deepcopy(original_ffn) for _ in range(num_experts - 1)])
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.classifier = nn.Linear(hidden_size, 2, bias=False) if classifier else None
+        self.top_k = min(top_k, num_experts)
+        self.pooling = pooling
+        self.context = context or RoutingContext()
+        self.last_routing: RoutingRecord | None = None
+        self._prefix_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        nn.init.xavier_normal_(self.router.weight)
+        if self.classifier is not None:
+            nn.init.xavier_normal_(self.classifier.weight)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def pooled_inputs(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """What the classifier sees for each position, fp32 ``[B, T, h]``; padding never contributes."""
+        x = hidden_states.float() * valid.unsqueeze(-1)
+        if self.pooling == "sequence":
+            return x.sum(dim=1, keepdim=True).expand_as(x)
+        sums = x.cumsum(dim=1)
+        counts = valid.float().cumsum(dim=1)
+        if self.context.continues and self._prefix_state is not None and self._prefix_state[0].shape[0] == x.shape[0]:
+            sums = sums + self._prefix_state[0].unsqueeze(1)
+            counts = counts + self._prefix_state[1].unsqueeze(1)
+        self._prefix_state = (sums[:, -1].detach(), counts[:, -1].detach())
+        return sums / counts.clamp(min=1).unsqueeze(-1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)
+        valid = self.context.valid_mask(batch, seq, hidden_states.device)
+        router_logits = F.linear(x.float(), self.router.weight.float())
+        _, weights, indices = route_top_k(router_logits, self.top_k)
+        n = x.shape[0]
+        token_index = torch.arange(n, device=x.device).unsqueeze(1).expand(-1, self.top_k)
+        classifier_logits = to_original = None
+        if self.classifier is not None:
+            pooled = self.pooled_inputs(hidden_states, valid).reshape(-1, hidden)
+            classifier_logits = F.linear(pooled, self.classifier.weight.float())
+            to_original = classifier_logits.argmax(dim=-1) == OLD
+            routed = ~to_original
+            original_tokens = torch.nonzero(to_original).squeeze(1)
+            token_index = torch.cat([token_index[routed].reshape(-1), original_tokens])
+            expert_index = torch.cat([indices[routed].reshape(-1), torch.zeros_like(original_tokens)])
+            weight = torch.cat([weights[routed].reshape(-1), torch.ones(len(original_tokens), device=x.device)])
+        else:
+            token_index, expert_index, weight = token_index.reshape(-1), indices.reshape(-1), weights.reshape(-1)
+        y = grouped_expert_forward(x, self.experts, token_index, expert_index, weight)
+        self.last_routing = RoutingRecord(router_logits, indices, weights, valid.reshape(-1),
+                                          classifier_logits, to_original)
+        return y.reshape(batch, seq, hidden)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder (``.model`` holding ``.layers``) of a dense or LayerMoE causal LM."""
+    inner = model.base if isinstance(model, LayerMoEForCausalLM) else model
+    return inner.model
+
+
+def moe_blocks(model: nn.Module) -> dict[int, LayerMoEBlock]:
+    """Layer index -> MoE block, for the layers that have one."""
+    return {i: layer.mlp for i, layer in enumerate(decoder_of(model).layers) if isinstance(layer.mlp, LayerMoEBlock)}
+
+
+class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    """A base-architecture causal LM (``self.base``) whose FFNs are ``LayerMoEBlock``s as the config says."""
+
+    config_class = LayerMoEConfig
+    base_model_prefix = "base"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: LayerMoEConfig):
+        super().__init__(config)
+        base_config = config.base()
+        self.base = AutoModelForCausalLM.from_config(base_config)
+        layers = self.base.model.layers
+        if len(config.experts_per_layer) != len(layers):
+            raise ValueError(f"config has experts for {len(config.experts_per_layer)} layers, the base model has {len(layers)}")
+        self.routing_context = RoutingContext()
+        for i, layer in enumerate(layers):
+            if config.experts_per_layer[i] > 1:
+                layer.mlp = LayerMoEBlock(layer.mlp, config.experts_per_layer[i], base_config.hidden_size, config.top_k,
+                                          i in config.classifier_layers, config.pooling, self.routing_context)
+        self.base.model.register_forward_pre_hook(self._set_routing_context, with_kwargs=True)
+        self.post_init()
+
+    def _set_routing_context(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        self.routing_context.attention_mask = kwargs.get("attention_mask")
+        self.routing_context.continues = cache is not None and cache.get_seq_length() > 0
+
+    def _init_weights(self, module):
+        if isinstance(module, LayerMoEBlock):
+            nn.init.xavier_normal_(module.router.weight)
+            if module.classifier is not None:
+                nn.init.xavier_normal_(module.classifier.weight)
+        elif hasattr(self.base, "_init_weights"):
+            self.base._init_weights(module)
+
+    def get_input_embeddings(self):
+        return self.base.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.base.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.base.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.base.model
+
+    def forward(self, *args, **kwargs):
+        return self.base(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base.generate(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Like ``PreTrainedModel.from_pretrained``, but missing or unexpected tensors are an error."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(f"checkpoint does not match its config.json: {problems}")
+        return (model, info) if wants_info else model
