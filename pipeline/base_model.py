@@ -34,7 +34,8 @@ def resolve_model_path(model: ModelConfig, cache_dir: Path) -> Path:
 
 
 def read_model_config(path: Path) -> dict:
-    """config.json of a model directory, checked for a supported architecture."""
+    """config.json of a model directory, checked for a supported architecture (an expanded LayerMoE model's
+    base architecture must be supported too)."""
     path = Path(path)
     if not path.is_dir():
         raise LayerMoEError(f"model directory {str(path)!r} does not exist")
@@ -46,6 +47,8 @@ def read_model_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise LayerMoEError(f"{cfg_file}: not valid JSON ({e})") from None
     model_type = cfg.get("model_type")
+    if model_type == "layermoe":
+        model_type = cfg.get("base_config", {}).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         raise LayerMoEError(f"unsupported architecture {model_type!r} (architectures {cfg.get('architectures')}) "
@@ -54,15 +57,18 @@ def read_model_config(path: Path) -> dict:
 
 
 def load_causal_lm(path: Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
-    """Load a supported causal LM from a local directory, in eval mode, on ``device``."""
+    """Load a supported dense causal LM, or an expanded LayerMoE model, from a local directory, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    read_model_config(path)
+    from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
+
+    config = read_model_config(path)
     if not any(any(Path(path).glob(p)) for p in WEIGHT_PATTERNS):
         raise LayerMoEError(f"model directory {str(path)!r} has a config.json but no weights "
                             f"(*.safetensors or pytorch_model*.bin)")
+    loader = LayerMoEForCausalLM if config["model_type"] == "layermoe" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
+        model = loader.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
     except Exception as e:  # corrupt or mismatched checkpoints raise many types (SafetensorError, OSError, ...)
         raise LayerMoEError(f"cannot load model from {str(path)!r}: {type(e).__name__}: {e}") from e
     return model.to(device).eval()
@@ -78,15 +84,19 @@ def pick_device(requested: str) -> str:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layer list of a supported causal LM."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    """The decoder layer list of a supported dense or expanded causal LM."""
+    from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
+
+    inner = model.base if isinstance(model, LayerMoEForCausalLM) else model
+    layers = getattr(getattr(inner, "model", None), "layers", None)
     if layers is None:
         raise LayerMoEError(f"{type(model).__name__}: no model.layers; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
     return layers
 
 
 def ffn_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The FFN module of every decoder layer, in layer order (its input is the 'HSA' of PAPER.md 3.1)."""
+    """The FFN module (an MoE block in expanded layers) of every decoder layer, in layer order; its input is
+    the 'HSA' of PAPER.md 3.1."""
     layers = decoder_layers(model)
     missing = [i for i, layer in enumerate(layers) if not hasattr(layer, "mlp")]
     if missing:

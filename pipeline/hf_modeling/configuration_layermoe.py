@@ -14,6 +14,7 @@ class LayerMoEConfig(PretrainedConfig):
 
     * ``experts_per_layer[i]``: total experts in layer i, expert 0 being the original FFN (1 = dense layer).
     * ``expert_rounds[i][e]``: the expansion round that added expert e of layer i (0 = original).
+    * ``num_experts_per_tok``: top-k of the routers (clipped to a layer's expert count).
     * ``classifier_layers``: layers whose old/new classifier can send a token to expert 0 alone.
     * ``pooling``: what the classifier sees; ``prefix`` (causal running mean of the valid tokens so far) or
       ``sequence`` (the reference: sum over the sequence in the current forward).
@@ -24,13 +25,13 @@ class LayerMoEConfig(PretrainedConfig):
 
     def __init__(self, base_config: dict | None = None, experts_per_layer: list[int] | None = None,
                  expert_rounds: list[list[int]] | None = None, classifier_layers: list[int] | None = None,
-                 top_k: int = 2, pooling: str = "prefix", rounds: list[dict] | None = None,
+                 num_experts_per_tok: int = 2, pooling: str = "prefix", rounds: list[dict] | None = None,
                  original_languages: list[str] | None = None, **kwargs):
         self.base_config = dict(base_config or {})
         self.experts_per_layer = list(experts_per_layer or [])
         self.expert_rounds = [list(r) for r in (expert_rounds or [[0] * n for n in self.experts_per_layer])]
         self.classifier_layers = sorted(classifier_layers or [])
-        self.top_k = top_k
+        self.num_experts_per_tok = num_experts_per_tok
         self.pooling = pooling
         self.rounds = list(rounds or [])
         self.original_languages = list(original_languages or [])

@@ -114,6 +114,10 @@ class LayerMoEBlock(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits ``[N, E]`` for flattened inputs ``[N, h]``."""
+        return F.linear(x.float(), self.router.weight.float())
+
     def pooled_inputs(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """What the classifier sees for each position, fp32 ``[B, T, h]``; padding never contributes."""
         x = hidden_states.float() * valid.unsqueeze(-1)
@@ -131,7 +135,7 @@ class LayerMoEBlock(nn.Module):
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)
         valid = self.context.valid_mask(batch, seq, hidden_states.device)
-        router_logits = F.linear(x.float(), self.router.weight.float())
+        router_logits = self.router_logits(x)
         _, weights, indices = route_top_k(router_logits, self.top_k)
         n = x.shape[0]
         token_index = torch.arange(n, device=x.device).unsqueeze(1).expand(-1, self.top_k)
@@ -183,13 +187,13 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         self.routing_context = RoutingContext()
         for i, layer in enumerate(layers):
             if config.experts_per_layer[i] > 1:
-                layer.mlp = LayerMoEBlock(layer.mlp, config.experts_per_layer[i], base_config.hidden_size, config.top_k,
+                layer.mlp = LayerMoEBlock(layer.mlp, config.experts_per_layer[i], base_config.hidden_size, config.num_experts_per_tok,
                                           i in config.classifier_layers, config.pooling, self.routing_context)
         self.base.model.register_forward_pre_hook(self._set_routing_context, with_kwargs=True)
         self.post_init()
 
     def _set_routing_context(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed it to `cache`
         self.routing_context.attention_mask = kwargs.get("attention_mask")
         self.routing_context.continues = cache is not None and cache.get_seq_length() > 0
 
@@ -223,7 +227,12 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs):
         """Like ``PreTrainedModel.from_pretrained``, but missing or unexpected tensors are an error."""
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as e:
+            if "mismatched" not in str(e):
+                raise
+            raise ValueError(f"checkpoint does not match its config.json: tensor shapes differ ({e})") from e
         problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"checkpoint does not match its config.json: {problems}")

@@ -1,0 +1,32 @@
+"""Saving an expanded model as a self-contained HF directory (weights, config, modeling code, tokenizer)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.atomic import atomic_directory
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
+
+MODELING_DIR = Path(__file__).parent / "hf_modeling"
+MODELING_FILES = ("configuration_layermoe.py", "modeling_layermoe.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def save_expanded(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
+    """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json with ``auto_map`` (so
+    ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package), the
+    modeling code, and the tokenizer files found in ``tokenizer_from``."""
+    model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
+                             "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
+    model.config.architectures = ["LayerMoEForCausalLM"]
+    with atomic_directory(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp)
+        for name in MODELING_FILES:
+            shutil.copyfile(MODELING_DIR / name, tmp / name)
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
+                    shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+    return Path(out_dir)

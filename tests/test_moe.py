@@ -1,0 +1,256 @@
+"""The expanded MoE model: function preservation, dropless routing, classifier gate, checkpoints, growth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from pipeline.base_model import load_causal_lm
+from pipeline.checkpoint import save_expanded
+from pipeline.errors import LayerMoEError
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock, RoutingContext, moe_blocks
+from pipeline.upcycle import ExpansionRound, grow, parameter_roles, set_trainable, upcycle
+
+
+def dense_model(model_type: str = "llama", layers: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type, layers=layers)).eval()
+
+
+def perturb_experts(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Make the copies differ from the original so routing matters (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in moe_blocks(model).values():
+            for expert in list(block.experts)[1:]:
+                for p in expert.parameters():
+                    p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+ROUND1 = ExpansionRound("g1", ["el", "hu"], [2, 3, 1], [1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text", "mistral"])
+@pytest.mark.parametrize("classifiers", [[], [0, 1]])
+def test_upcycled_model_computes_the_dense_function(model_type, classifiers):
+    dense = dense_model(model_type)
+    ids = torch.randint(4, 400, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0
+    with torch.no_grad():
+        expected = dense(ids, attention_mask=mask).logits
+    model = upcycle(dense, ExpansionRound("g1", ["el"], [2, 3, 1], classifiers), ["en"])
+    assert [type(layer.mlp).__name__ for layer in model.base.model.layers] == ["LayerMoEBlock", "LayerMoEBlock", type(dense.model.layers[2].mlp).__name__]
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_expert_zero_is_the_original_ffn_and_copies_are_exact():
+    dense = dense_model()
+    original = dense.model.layers[1].mlp.gate_proj.weight
+    model = upcycle(dense, ROUND1, ["en"])
+    experts = model.base.model.layers[1].mlp.experts
+    assert experts[0].gate_proj.weight.data_ptr() == original.data_ptr()  # not a copy
+    for e in (1, 2):
+        assert torch.equal(experts[e].gate_proj.weight, original)
+        assert experts[e].gate_proj.weight.data_ptr() != original.data_ptr()
+
+
+def naive_block(block: LayerMoEBlock, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-token reference: softmax, top-k, renormalise; the classifier on the prefix mean of valid tokens."""
+    batch, seq, _ = x.shape
+    out = torch.zeros_like(x)
+    for b in range(batch):
+        for t in range(seq):
+            xt = x[b, t]
+            if block.classifier is not None:
+                keep = valid[b, : t + 1].float().unsqueeze(-1)
+                pooled = (x[b, : t + 1] * keep).sum(0) / keep.sum().clamp(min=1)
+                if block.pooling == "sequence":
+                    pooled = (x[b] * valid[b].float().unsqueeze(-1)).sum(0)
+                if torch.argmax(block.classifier.weight @ pooled) == 0:
+                    out[b, t] = block.experts[0](xt[None])[0]
+                    continue
+            probs = torch.softmax(block.router.weight @ xt, dim=-1)
+            w, idx = torch.topk(probs, block.top_k)
+            w = w / w.sum()
+            out[b, t] = sum(w[j] * block.experts[int(idx[j])](xt[None])[0] for j in range(block.top_k))
+    return out
+
+
+@pytest.mark.parametrize("experts, top_k", [(2, 2), (3, 2), (5, 2), (5, 1), (4, 3)])
+@pytest.mark.parametrize("classifier", [False, True])
+@pytest.mark.parametrize("pooling", ["prefix", "sequence"])
+def test_dropless_routing_matches_per_token_reference(experts, top_k, classifier, pooling):
+    dense = dense_model(layers=1)
+    torch.manual_seed(experts * 10 + top_k)
+    context = RoutingContext()
+    block = LayerMoEBlock(dense.model.layers[0].mlp, experts, 32, top_k, classifier, pooling, context).eval()
+    perturb_experts_of(block)
+    x = torch.randn(3, 11, 32)
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    valid[1, 7:] = False
+    context.attention_mask = valid.long()
+    with torch.no_grad():
+        got = block(x)
+        expected = naive_block(block, x, valid)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    record = block.last_routing
+    assert record.expert_indices.shape == (33, min(top_k, experts))
+    if classifier:
+        assert record.classifier_logits.shape == (33, 2) and record.sent_to_original.dtype == torch.bool
+
+
+def perturb_experts_of(block: LayerMoEBlock) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for expert in list(block.experts)[1:]:
+            for p in expert.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        if block.classifier is not None:  # make both decisions occur
+            block.classifier.weight.copy_(torch.randn(block.classifier.weight.shape, generator=g))
+
+
+def test_every_routed_expert_runs_only_on_its_tokens():
+    dense = dense_model(layers=1)
+    block = LayerMoEBlock(dense.model.layers[0].mlp, 4, 32, 2).eval()
+    seen = {e: 0 for e in range(4)}
+    for e, expert in enumerate(block.experts):
+        expert.register_forward_hook(lambda m, a, o, e=e: seen.__setitem__(e, seen[e] + a[0].shape[0]))
+    with torch.no_grad():
+        block(torch.randn(2, 13, 32))
+    counts = torch.bincount(block.last_routing.expert_indices.reshape(-1), minlength=4)
+    assert [seen[e] for e in range(4)] == counts.tolist() and sum(seen.values()) == 2 * 13 * 2
+
+
+def test_prefix_pooling_is_causal():
+    dense = dense_model(layers=1)
+    block = LayerMoEBlock(dense.model.layers[0].mlp, 3, 32, 2, classifier=True, pooling="prefix").eval()
+    perturb_experts_of(block)
+    x = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        out_a = block(x)
+        dec_a = block.last_routing.sent_to_original.clone()
+        x2 = x.clone()
+        x2[0, 9:] = torch.randn(7, 32) * 5
+        out_b = block(x2)
+        dec_b = block.last_routing.sent_to_original
+    assert torch.equal(dec_a[:9], dec_b[:9])
+    torch.testing.assert_close(out_a[0, :9], out_b[0, :9], atol=1e-6, rtol=1e-6)  # GEMM grouping differs
+    assert dec_a.any() or (~dec_a).any()
+
+
+def test_cache_and_no_cache_greedy_generation_agree():
+    model = upcycle(dense_model(), ExpansionRound("g1", ["el"], [3, 2, 2], [0, 2]), ["en"])
+    perturb_experts(model, 0.3)
+    for block in moe_blocks(model).values():
+        if block.classifier is not None:
+            perturb_experts_of(block)
+    prompt = torch.randint(4, 400, (1, 9))
+    with_cache = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    without = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert with_cache.tolist() == without.tolist()
+
+
+def test_save_and_load_through_both_loaders(tmp_path):
+    model = upcycle(dense_model("qwen2"), ExpansionRound("g1", ["el"], [2, 3, 2], [1]), ["en"])
+    perturb_experts(model)
+    out = save_expanded(model, tmp_path / "expanded")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "layermoe" and config["base_config"]["model_type"] == "qwen2"
+    assert config["experts_per_layer"] == [2, 3, 2] and config["classifier_layers"] == [1]
+    assert config["num_experts_per_tok"] == 2 and config["pooling"] == "prefix"
+    assert config["rounds"] == [{"name": "g1", "languages": ["el"]}] and config["original_languages"] == ["en"]
+    ids = torch.randint(4, 400, (2, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+        ours = load_causal_lm(out)(ids).logits
+        remote_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        remote = remote_model(ids).logits
+    assert not type(remote_model).__module__.startswith("pipeline")  # loaded from the checkpoint's own code
+    assert torch.equal(ours, expected) and torch.equal(remote, expected)
+
+
+@pytest.mark.parametrize("experts", [[2, 2, 1], [2, 4, 1], [2, 3, 2]])
+def test_checkpoint_that_disagrees_with_its_config_is_an_error(tmp_path, experts):
+    out = save_expanded(upcycle(dense_model(), ROUND1, ["en"]), tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    config["experts_per_layer"] = experts
+    config["expert_rounds"] = [[0] * n for n in experts]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LayerMoEError, match="does not match its config"):
+        load_causal_lm(out)
+    with pytest.raises(ValueError, match="does not match its config"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+def test_roles_partition_parameters_and_freeze_exactly():
+    model = grow(upcycle(dense_model(), ROUND1, ["en"]), ExpansionRound("g2", ["hi"], [2, 2, 3], [2]))
+    roles = parameter_roles(model)
+    assert set(roles) == {"original", "routers", "classifiers", "experts_round1", "experts_round2"}
+    names = [n for params in roles.values() for n, _ in params]
+    assert len(names) == len(set(names)) == len(list(model.named_parameters()))
+    assert all(".experts.0." in n or ".experts." not in n for n, _ in roles["original"])
+    trainable = set(set_trainable(model, ["experts_round2", "routers"]))
+    for name, param in model.named_parameters():
+        assert param.requires_grad == (name in trainable)
+    assert trainable == {n for r in ("experts_round2", "routers") for n, _ in roles[r]}
+    with pytest.raises(LayerMoEError, match="unknown parameter roles"):
+        set_trainable(model, ["experts_round9"])
+
+
+def test_growth_appends_copies_of_the_original_and_preserves_round1_when_new_experts_get_no_weight():
+    round1 = upcycle(dense_model(), ROUND1, ["en"])
+    perturb_experts(round1, 0.2)
+    before = {k: v.clone() for k, v in round1.state_dict().items()}
+    round2 = grow(round1, ExpansionRound("g2", ["hi"], [2, 2, 3], [1]), keep_router_rows=True)
+    assert round2.config.experts_per_layer == [3, 4, 3]
+    assert round2.config.expert_rounds == [[0, 1, 2], [0, 1, 1, 2], [0, 2, 2]]
+    assert round2.config.classifier_layers == [1] and [r["name"] for r in round2.config.rounds] == ["g1", "g2"]
+    assert all(torch.equal(before[k], v) for k, v in round1.state_dict().items())  # round 1 untouched
+    layers, old_layers = round2.base.model.layers, round1.base.model.layers
+    assert torch.equal(layers[1].mlp.experts[3].up_proj.weight, layers[1].mlp.experts[0].up_proj.weight)
+    assert torch.equal(layers[1].mlp.experts[1].up_proj.weight, old_layers[1].mlp.experts[1].up_proj.weight)
+    assert torch.equal(layers[1].mlp.router.weight[:3], old_layers[1].mlp.router.weight)  # kept rows
+    assert torch.equal(layers[1].mlp.classifier.weight, old_layers[1].mlp.classifier.weight)
+    # give the new experts no weight: their router logits are -inf
+    for i, block in moe_blocks(round2).items():
+        old = round1.config.experts_per_layer[i]
+        plain = block.router_logits
+        block.router_logits = lambda x, plain=plain, old=old: torch.cat(
+            [plain(x)[:, :old], torch.full_like(plain(x)[:, old:], float("-inf"))], dim=-1)
+    ids = torch.randint(4, 400, (2, 12))
+    with torch.no_grad():
+        expected = round1(ids).logits
+        got = round2(ids).logits
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_growth_reinitialises_routers_by_default():
+    round1 = upcycle(dense_model(), ROUND1, ["en"])
+    round2 = grow(round1, ExpansionRound("g2", ["hi"], [2, 2, 2], []), seed=5)
+    old_rows = round1.base.model.layers[0].mlp.router.weight
+    assert not torch.equal(round2.base.model.layers[0].mlp.router.weight[:2], old_rows)
+    assert round2.config.classifier_layers == []
+
+
+@pytest.mark.parametrize("plan, message", [
+    (ExpansionRound("g1", ["el"], [2, 2], []), "allocation has 2 layers but the model has 3"),
+    (ExpansionRound("g1", ["el"], [2, 0, 2], []), ">= 1 expert"),
+    (ExpansionRound("g1", ["el"], [2, 2, 2], [3]), "outside layers"),
+])
+def test_bad_plans(plan, message):
+    with pytest.raises(LayerMoEError, match=message):
+        upcycle(dense_model(), plan, ["en"])
+    with pytest.raises(LayerMoEError, match=message):
+        grow(upcycle(dense_model(), ROUND1, ["en"]), plan)
+
+
+def test_upcycling_an_expanded_model_is_refused():
+    with pytest.raises(LayerMoEError, match="already expanded"):
+        upcycle(upcycle(dense_model(), ROUND1, ["en"]), ROUND1, ["en"])
