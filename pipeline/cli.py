@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     for stage, text in (("analyze", "layer-wise similarity of new vs old languages -> similarity.json"),
-                        ("allocate", "similarity -> experts per layer and classifier layers -> allocation.json")):
+                        ("allocate", "similarity -> experts per layer and classifier layers -> allocation.json"),
+                        ("upcycle", "round's input model + allocation -> expanded MoE model (HF directory)")):
         p = sub.add_parser(stage, help=text)
         _add_config_args(p)
         p.add_argument("--round", help="only this round (by name); default: every round in order")
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # local multi-process runs stay on loopback
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

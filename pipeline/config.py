@@ -97,6 +97,16 @@ class AllocateConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """Turning the round's input model into an MoE model (PAPER.md 2, 3.3, 3.5)."""
+
+    top_k: int = 2
+    pooling: Literal["prefix", "sequence"] = "prefix"  # what the routing classifier sees
+    keep_router_rows: bool = False  # growth: keep the trained router rows of existing experts (reference: re-init)
+    verify_tolerance: float = 1e-3  # first round: max |logit difference| allowed between dense and upcycled model
+
+
+@dataclass
 class RunConfig:
     """A whole lifelong expansion run."""
 
@@ -110,6 +120,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     # -- derived values ----------------------------------------------------------------------------------
     @property
@@ -314,6 +325,8 @@ def validate(config: RunConfig) -> RunConfig:
     _require(a.max_length >= 2, "analyze.max_length", "must be >= 2")
     _require(a.batch_size >= 1, "analyze.batch_size", "must be >= 1")
     _validate_allocate(config.allocate, "allocate")
+    _require(config.upcycle.top_k >= 1, "upcycle.top_k", "must be >= 1")
+    _require(config.upcycle.verify_tolerance > 0, "upcycle.verify_tolerance", "must be positive")
     return config
 
 

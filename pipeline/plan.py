@@ -75,9 +75,11 @@ def plan(model_config: dict, experts_per_layer: list[int], classifier_layers: li
 
 
 def load_model_config(path: Path) -> dict:
-    """config.json from a model directory or a path to the file itself (checked for a supported architecture)."""
+    """The dense architecture's config.json dict, from a model directory or the file itself (for an expanded
+    model: its base architecture)."""
     path = Path(path)
-    return read_model_config(path.parent if path.name == "config.json" else path)
+    config = read_model_config(path.parent if path.name == "config.json" else path)
+    return config["base_config"] if config["model_type"] == "layermoe" else config
 
 
 def format_plan(p: ParameterPlan, dtype: str = "bfloat16") -> str:

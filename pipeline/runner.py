@@ -4,6 +4,7 @@ Layout of a run directory::
 
     runs/<name>/<round>/analyze/   similarity.json, similarity.png, manifest.json
     runs/<name>/<round>/allocate/  allocation.json, allocation.png, manifest.json
+    runs/<name>/<round>/upcycle/   model/ (expanded HF directory), manifest.json
 """
 
 from __future__ import annotations
@@ -12,21 +13,26 @@ import dataclasses
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from pipeline import log
-from pipeline.allocate import allocate
+from pipeline.allocate import allocate, read_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config, resolve_model_path
+from pipeline.checkpoint import save_expanded
 from pipeline.config import RunConfig, to_dict
 from pipeline.corpus import iter_documents, resolve_source
 from pipeline.errors import LayerMoEError
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.manifest import StageSpec, run_stage
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
 from pipeline.plots import plot_allocation, plot_similarity
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
+from pipeline.upcycle import ExpansionRound, grow, upcycle
 
-STAGES = ("analyze", "allocate")
+STAGES = ("analyze", "allocate", "upcycle")
 
 
 class RoundNotReady(LayerMoEError):
@@ -128,7 +134,64 @@ def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Pa
     return run_stage(spec, body, force)
 
 
-STAGE_FUNCTIONS = {"analyze": run_analyze, "allocate": run_allocate}
+def verification_text(config: RunConfig, languages: list[str], tokenizer, tokens: int = 96) -> torch.Tensor:
+    """A short real sample (the start of the first document of each language) for function-preservation checks."""
+    ids = []
+    for lang in languages:
+        document = next(iter_documents(resolve_source(config, lang), "train", config.data.heldout_fraction,
+                                       config.data.split_seed))
+        ids += tokenizer(document)["input_ids"][: tokens // len(languages)]
+    return torch.tensor([ids])
+
+
+def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
+    model, checked to compute the same logits; later rounds: grow the previous round's model)."""
+    rnd = config.rounds[round_index]
+    model_path = round_input_model(config, round_index)
+    allocation_file = stage_dir(config, round_index, "allocate") / "allocation.json"
+    spec = StageSpec(
+        stage="upcycle", round_name=rnd.name, out_dir=stage_dir(config, round_index, "upcycle"),
+        config_slice={"upcycle": to_dict(config.upcycle), "seed": config.seed, "model_dtype": config.model.dtype,
+                      "old_languages": config.old_languages},
+        inputs={"model": model_path, "allocation": allocation_file},
+    )
+
+    def body(out: Path | None) -> dict:
+        u = config.upcycle
+        allocation = read_allocation(allocation_file)
+        model = load_causal_lm(model_path, config.model.dtype, "cpu")
+        plan = ExpansionRound(rnd.name, list(rnd.languages), allocation.experts_per_layer, allocation.classifier_layers)
+        summary: dict = {"experts_per_layer": None}
+        if isinstance(model, LayerMoEForCausalLM):
+            log.info(f"upcycle {rnd.name}: growing {model_path} by {sum(allocation.new_experts_per_layer)} experts")
+            expanded = grow(model, plan, keep_router_rows=u.keep_router_rows, seed=config.seed)
+        else:
+            log.info(f"upcycle {rnd.name}: {sum(allocation.new_experts_per_layer)} new experts, "
+                     f"classifiers in layers {allocation.classifier_layers}")
+            sample = verification_text(config, config.languages_before(round_index) + list(rnd.languages),
+                                       load_tokenizer(model_path))
+            with torch.no_grad():
+                dense_logits = model(sample).logits
+            expanded = upcycle(model, plan, config.old_languages, u.top_k, u.pooling, config.seed)
+            with torch.no_grad():
+                diff = (expanded(sample).logits - dense_logits).abs().max().item()
+            log.info(f"upcycle {rnd.name}: max |logit difference| to the dense model = {diff:.2e} "
+                     f"over {sample.shape[1]} tokens (tolerance {u.verify_tolerance})")
+            if not diff <= u.verify_tolerance:
+                raise LayerMoEError(f"upcycled model does not reproduce the dense model: max logit difference {diff:.3e} "
+                                    f"> upcycle.verify_tolerance {u.verify_tolerance}")
+            summary["max_logit_difference"] = diff
+        summary["experts_per_layer"] = expanded.config.experts_per_layer
+        summary["classifier_layers"] = expanded.config.classifier_layers
+        if out is not None:
+            save_expanded(expanded, out / "model", tokenizer_from=model_path)
+        return summary
+
+    return run_stage(spec, body, force)
+
+
+STAGE_FUNCTIONS = {"analyze": run_analyze, "allocate": run_allocate, "upcycle": run_upcycle}
 
 
 def ready_rounds(config: RunConfig) -> Iterator[int]:

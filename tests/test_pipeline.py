@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
+from pipeline.analyze import language_means
+from pipeline.base_model import load_causal_lm
 from pipeline.cli import main
+from pipeline.packing import load_tokenizer
+from pipeline.similarity import pairwise_similarities
+from pipeline.upcycle import is_moe_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +66,11 @@ def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_
         assert "torch" in manifest["versions"] and manifest["inputs"]
     assert (g1 / "analyze" / "similarity.png").stat().st_size > 1000
     assert (g1 / "allocate" / "allocation.png").stat().st_size > 1000
+    upcycled = json.loads((g1 / "upcycle" / "manifest.json").read_text())["summary"]
+    assert upcycled["experts_per_layer"] == alloc["experts_per_layer"]
+    assert upcycled["max_logit_difference"] <= 1e-5
+    expanded = load_causal_lm(g1 / "upcycle" / "model")
+    assert expanded.config.rounds == [{"name": "g1", "languages": ["el", "hu", "tr"]}]
     err = capsys.readouterr().err
     assert "stopping before round 'g2'" in err  # round 2 needs round 1's trained model
 
@@ -74,6 +84,22 @@ def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_
     err = capsys.readouterr().err
     assert "g1/allocate: inputs or settings changed" in err and "analyze" not in err
     assert sum(json.loads((g1 / "allocate" / "allocation.json").read_text())["experts_per_layer"]) >= 12
+
+
+def test_analyze_hooks_the_moe_block_of_an_expanded_model(run_config, tmp_path):
+    """A freshly upcycled model has the dense model's FFN inputs, so its similarity is the dense one."""
+    assert main(["run", str(run_config)]) == 0
+    dense = load_causal_lm(tmp_path / "model")
+    expanded = load_causal_lm(tmp_path / "runs" / "t" / "g1" / "upcycle" / "model")
+    assert any(is_moe_block(layer.mlp) for layer in expanded.base.model.layers)
+    tokenizer = load_tokenizer(tmp_path / "model")
+    results = []
+    for model in (dense, expanded):
+        docs = {lang: iter(synthetic_documents(lang, 20, seed=4)) for lang in ("en", "el", "hu")}
+        means, _ = language_means(model, tokenizer, docs, 300, 64, 4, False)
+        results.append(pairwise_similarities(means))
+    for key in results[0]:
+        assert max(abs(a - b) for a, b in zip(results[0][key], results[1][key])) <= 1e-6
 
 
 def test_failing_stage_leaves_nothing_partial(run_config, tmp_path):
