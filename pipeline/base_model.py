@@ -60,15 +60,19 @@ def load_causal_lm(path: Path, dtype: str = "float32", device: str = "cpu") -> t
     """Load a supported dense causal LM, or an expanded LayerMoE model, from a local directory, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.hf_modeling.configuration_layermoe import LayerMoEConfig
     from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 
     config = read_model_config(path)
     if not any(any(Path(path).glob(p)) for p in WEIGHT_PATTERNS):
         raise LayerMoEError(f"model directory {str(path)!r} has a config.json but no weights "
                             f"(*.safetensors or pytorch_model*.bin)")
-    loader = LayerMoEForCausalLM if config["model_type"] == "layermoe" else AutoModelForCausalLM
     try:
-        model = loader.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
+        if config["model_type"] == "layermoe":  # our own classes: no remote code involved
+            model = LayerMoEForCausalLM.from_pretrained(str(path), config=LayerMoEConfig.from_pretrained(str(path)),
+                                                        dtype=getattr(torch, dtype), local_files_only=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
     except Exception as e:  # corrupt or mismatched checkpoints raise many types (SafetensorError, OSError, ...)
         raise LayerMoEError(f"cannot load model from {str(path)!r}: {type(e).__name__}: {e}") from e
     return model.to(device).eval()

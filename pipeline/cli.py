@@ -44,6 +44,10 @@ def _stage_command(stage: str):
     return command
 
 
+def _train(args: argparse.Namespace) -> None:
+    _stage_command(f"train_stage{args.stage}")(args)
+
+
 def _run(args: argparse.Namespace) -> None:
     from pipeline.distributed import distributed_from_env
     from pipeline.runner import run_pipeline
@@ -110,12 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, text in (("analyze", "layer-wise similarity of new vs old languages -> similarity.json"),
                         ("allocate", "similarity -> experts per layer and classifier layers -> allocation.json"),
-                        ("upcycle", "round's input model + allocation -> expanded MoE model (HF directory)")):
+                        ("upcycle", "round's input model + allocation -> expanded MoE model (HF directory)"),
+                        ("train_stage1", "train new experts + routers on the new languages (DeepSpeed)"),
+                        ("train_stage2", "train routers + classifiers on new + replay text (DeepSpeed)")):
         p = sub.add_parser(stage, help=text)
         _add_config_args(p)
         p.add_argument("--round", help="only this round (by name); default: every round in order")
         p.add_argument("--force", action="store_true", help="re-run even when up to date")
         p.set_defaults(func=_stage_command(stage))
+
+    p = sub.add_parser("train", help="one training stage: `deepspeed stages/train.py --config C --stage 1|2`")
+    _add_config_args(p)
+    p.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    p.add_argument("--round", help="only this round (by name); default: every round in order")
+    p.add_argument("--force", action="store_true", help="re-run even when up to date")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("plan", help="total / activated parameters of an expansion, without loading weights")
     p.add_argument("--model", required=True, help="model directory or its config.json")
@@ -143,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    import torch
+
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # local multi-process runs stay on loopback
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -107,6 +107,41 @@ class UpcycleConfig:
 
 
 @dataclass
+class StageTrainConfig:
+    """One training stage's schedule and data."""
+
+    steps: int = 100  # optimizer steps
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    micro_batch_size: int = 4  # sequences per rank per micro-step
+    gradient_accumulation: int = 1
+    block_length: int = 256  # packed sequence length
+    tokens_per_language: int = 200_000  # new-language text per language
+    replay_tokens_per_language: int = 0  # stage 2: text per earlier language (old + earlier rounds)
+
+
+@dataclass
+class TrainConfig:
+    """Both training stages (PAPER.md 2, 3.4): DeepSpeed settings, loss weights, logging, checkpoints."""
+
+    ds_config: str = "ds_configs/cpu_fp32.json"
+    ep_size: int = 1
+    alpha: float = 0.01  # stage 1 load-balance weight
+    gamma: float = 0.1  # stage 2 LPR weight
+    beta: float = 0.1  # stage 2 classifier weight
+    lpr_form: Literal["paper", "double_softmax"] = "paper"
+    gradient_clipping: float = 1.0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 0  # optimizer steps between DeepSpeed checkpoints; 0 = only at the end
+    stats_every: int = 10  # steps between routing-statistics reports
+    tensorboard: bool = False
+    stage1: StageTrainConfig = field(default_factory=StageTrainConfig)
+    stage2: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(
+        steps=30, tokens_per_language=50_000, replay_tokens_per_language=25_000))
+
+
+@dataclass
 class RunConfig:
     """A whole lifelong expansion run."""
 
@@ -121,6 +156,7 @@ class RunConfig:
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     # -- derived values ----------------------------------------------------------------------------------
     @property
@@ -327,6 +363,16 @@ def validate(config: RunConfig) -> RunConfig:
     _validate_allocate(config.allocate, "allocate")
     _require(config.upcycle.top_k >= 1, "upcycle.top_k", "must be >= 1")
     _require(config.upcycle.verify_tolerance > 0, "upcycle.verify_tolerance", "must be positive")
+    t = config.train
+    _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
+    for name in ("stage1", "stage2"):
+        st: StageTrainConfig = getattr(t, name)
+        for key in ("steps", "micro_batch_size", "gradient_accumulation", "tokens_per_language"):
+            _require(getattr(st, key) >= 1, f"train.{name}.{key}", "must be >= 1")
+        _require(st.block_length >= 8, f"train.{name}.block_length", "must be >= 8")
+        _require(st.lr > 0, f"train.{name}.lr", "must be positive")
+        _require(0 <= st.warmup_steps <= st.steps, f"train.{name}.warmup_steps", "must be in [0, steps]")
+        _require(0 <= st.min_lr_ratio <= 1, f"train.{name}.min_lr_ratio", "must be in [0, 1]")
     return config
 
 

@@ -30,18 +30,18 @@ def current() -> DistInfo:
 
 @contextlib.contextmanager
 def distributed_from_env() -> Iterator[DistInfo]:
-    """Initialise a process group when launched with WORLD_SIZE > 1 (torchrun / deepspeed set it), and
-    destroy it on exit. A process group that is already initialised is used and left alone."""
+    """Initialise a process group when launched with WORLD_SIZE > 1 (torchrun / deepspeed set it), and on exit
+    destroy any process group created inside (here or by a stage). One that already existed is left alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    owns = world > 1 and not dist.is_initialized()
-    if owns:
+    existed = dist.is_initialized()
+    if world > 1 and not existed:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     try:
         yield current()
     finally:
-        if owns:
+        if not existed and dist.is_initialized():
             dist.destroy_process_group()
 
 

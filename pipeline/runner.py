@@ -5,17 +5,21 @@ Layout of a run directory::
     runs/<name>/<round>/analyze/   similarity.json, similarity.png, manifest.json
     runs/<name>/<round>/allocate/  allocation.json, allocation.png, manifest.json
     runs/<name>/<round>/upcycle/   model/ (expanded HF directory), manifest.json
+    runs/<name>/<round>/train_stage1/, train_stage2/   model/, routing_stats.json, manifest.json
+    runs/<name>/<round>/train_stage1.checkpoints/, ...  DeepSpeed checkpoints (resume after an interruption)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from pipeline import log
+from pipeline import distributed, log
 from pipeline.allocate import allocate, read_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import write_json
@@ -32,7 +36,7 @@ from pipeline.plots import plot_allocation, plot_similarity
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
-STAGES = ("analyze", "allocate", "upcycle")
+STAGES = ("analyze", "allocate", "upcycle", "train_stage1", "train_stage2")
 
 
 class RoundNotReady(LayerMoEError):
@@ -191,7 +195,46 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
     return run_stage(spec, body, force)
 
 
-STAGE_FUNCTIONS = {"analyze": run_analyze, "allocate": run_allocate, "upcycle": run_upcycle}
+def run_train(config: RunConfig, round_index: int, stage: int, force: bool = False) -> Path:
+    """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory."""
+    from pipeline.train import describe_settings, init_deepspeed_distributed, train_stage
+
+    rnd = config.rounds[round_index]
+    name = f"train_stage{stage}"
+    model_in = stage_dir(config, round_index, "upcycle" if stage == 1 else "train_stage1") / "model"
+    if not model_in.is_dir():
+        raise LayerMoEError(f"{rnd.name}/{name}: input model {model_in} does not exist; run the earlier stages first")
+    out_dir = stage_dir(config, round_index, name)
+    checkpoints = out_dir.parent / f"{name}.checkpoints"
+    settings = describe_settings(config, stage)
+    sources = {lang: resolve_source(config, lang) for lang in config.languages_before(round_index + 1)}
+    spec = StageSpec(stage=name, round_name=rnd.name, out_dir=out_dir, config_slice=settings,
+                     inputs={"model": model_in, **{f"corpus:{lang}": s.path for lang, s in sources.items()}})
+
+    def body(out: Path | None) -> dict:
+        init_deepspeed_distributed()
+        marker = checkpoints / "fingerprint.json"
+        if checkpoints.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
+            log.warn(f"{checkpoints} belongs to other settings; starting {name} from scratch")
+            if distributed.current().is_main:
+                shutil.rmtree(checkpoints)
+            distributed.barrier()
+        if distributed.current().is_main:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json(marker, settings)
+        result = train_stage(config, round_index, stage, model_in, checkpoints, out / "model" if out else None)
+        if out is not None and (checkpoints / "routing_stats.json").exists():
+            shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
+        return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second}
+
+    return run_stage(spec, body, force)
+
+
+STAGE_FUNCTIONS = {
+    "analyze": run_analyze, "allocate": run_allocate, "upcycle": run_upcycle,
+    "train_stage1": lambda config, r, force=False: run_train(config, r, 1, force),
+    "train_stage2": lambda config, r, force=False: run_train(config, r, 2, force),
+}
 
 
 def ready_rounds(config: RunConfig) -> Iterator[int]:

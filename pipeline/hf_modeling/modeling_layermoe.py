@@ -24,8 +24,10 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 try:
     from .configuration_layermoe import LayerMoEConfig
+    from .router_kernel import RouteResult, route
 except ImportError:  # imported as a top-level module
     from configuration_layermoe import LayerMoEConfig
+    from router_kernel import RouteResult, route
 
 OLD, NEW = 0, 1  # classifier classes
 
@@ -65,26 +67,23 @@ def route_top_k(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return probs, weights, indices
 
 
-def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, token_index: torch.Tensor,
-                           expert_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``y[t] = sum over assignments (t, e, w) of w * experts[e](x[t])``, dropless.
+def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, routing: RouteResult) -> torch.Tensor:
+    """``y[t] = sum over active slots j of weights[t, j] * experts[indices[t, j]](x[t])``, dropless.
 
-    Assignments are sorted by expert (stable), the tokens gathered once, every expert applied to its contiguous
-    slice, and the weighted outputs scatter-added back. ``x``: [N, h]; the three index tensors: [M].
+    The slots are sorted by expert (stable; inactive slots, index E, sort last and are cut off), the tokens
+    gathered once, expert e applied to its contiguous slice ``offsets[e]:offsets[e + 1]`` of the router's
+    counts, and the weighted outputs scatter-added back. ``x``: [N, h].
     """
-    order = torch.argsort(expert_index, stable=True)
-    tokens = token_index[order]
-    counts = torch.bincount(expert_index, minlength=len(experts)).tolist()
+    k = routing.indices.shape[1]
+    offsets = routing.offsets.tolist()
+    order = torch.argsort(routing.indices.reshape(-1), stable=True)[:offsets[-1]]
+    tokens = order // k
     gathered = x[tokens]
-    outputs = []
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            outputs.append(experts[e](gathered[start:start + count]))
-        start += count
+    spans = enumerate(zip(offsets, offsets[1:]))
+    outputs = [experts[e](gathered[start:end]) for e, (start, end) in spans if end > start]
     if not outputs:
         return torch.zeros_like(x)
-    weighted = torch.cat(outputs) * weight[order].unsqueeze(-1).to(x.dtype)
+    weighted = torch.cat(outputs) * routing.weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tokens, weighted)
 
 
@@ -136,24 +135,15 @@ class LayerMoEBlock(nn.Module):
         x = hidden_states.reshape(-1, hidden)
         valid = self.context.valid_mask(batch, seq, hidden_states.device)
         router_logits = self.router_logits(x)
-        _, weights, indices = route_top_k(router_logits, self.top_k)
-        n = x.shape[0]
-        token_index = torch.arange(n, device=x.device).unsqueeze(1).expand(-1, self.top_k)
         classifier_logits = to_original = None
         if self.classifier is not None:
             pooled = self.pooled_inputs(hidden_states, valid).reshape(-1, hidden)
             classifier_logits = F.linear(pooled, self.classifier.weight.float())
             to_original = classifier_logits.argmax(dim=-1) == OLD
-            routed = ~to_original
-            original_tokens = torch.nonzero(to_original).squeeze(1)
-            token_index = torch.cat([token_index[routed].reshape(-1), original_tokens])
-            expert_index = torch.cat([indices[routed].reshape(-1), torch.zeros_like(original_tokens)])
-            weight = torch.cat([weights[routed].reshape(-1), torch.ones(len(original_tokens), device=x.device)])
-        else:
-            token_index, expert_index, weight = token_index.reshape(-1), indices.reshape(-1), weights.reshape(-1)
-        y = grouped_expert_forward(x, self.experts, token_index, expert_index, weight)
-        self.last_routing = RoutingRecord(router_logits, indices, weights, valid.reshape(-1),
-                                          classifier_logits, to_original)
+        routing = route(router_logits, self.top_k, to_original, valid.reshape(-1))
+        y = grouped_expert_forward(x, self.experts, routing)
+        self.last_routing = RoutingRecord(router_logits, routing.router_indices, routing.router_weights,
+                                          valid.reshape(-1), classifier_logits, to_original)
         return y.reshape(batch, seq, hidden)
 
 

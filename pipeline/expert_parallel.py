@@ -1,0 +1,237 @@
+"""Expert parallelism for ``LayerMoEBlock`` where a layer's expert count need not divide the group size.
+
+* ``ExpertPlacement``: expert 0 (the frozen original FFN) is replicated on every rank; the new experts
+  1..E-1 are split into contiguous, nearly equal chunks, one per rank of the expert-parallel group (the first
+  ``(E-1) % P`` ranks hold one more; a rank may hold none).
+* ``expert_parallel_forward``: the dropless grouped forward of ``grouped_expert_forward`` with every expert
+  run on its owner. Assignments to local experts (expert 0 and the owned ones) never leave their rank; the
+  others travel in one uneven all-to-all (after a small all-to-all of counts) and come back in a second one.
+  Differentiable with respect to the input, the routing weights and the owners' expert parameters.
+* ``shard_block``: keeps only this rank's experts in a block and makes the block dispatch through the above.
+* ``mark_expert_parameters`` / ``expert_parallel_group``: DeepSpeed's view of the sharded experts (their
+  gradients are reduced over the expert-data-parallel group, not the whole data-parallel group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .hf_modeling.modeling_layermoe import LayerMoEBlock
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which rank of an expert-parallel group of ``ep_size`` ranks holds which of a layer's ``num_experts``."""
+
+    num_experts: int
+    ep_size: int
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or self.ep_size < 1:
+            raise ValueError(f"need num_experts >= 1 and ep_size >= 1, got {self.num_experts}, {self.ep_size}")
+
+    def owned_range(self, rank: int) -> range:
+        """The new experts (ids >= 1) that ``rank`` holds; empty when there are fewer new experts than ranks."""
+        if not 0 <= rank < self.ep_size:
+            raise ValueError(f"rank {rank} is not in an expert-parallel group of {self.ep_size}")
+        base, extra = divmod(self.num_experts - 1, self.ep_size)
+        start = 1 + rank * base + min(rank, extra)
+        return range(start, start + base + (rank < extra))
+
+    def local_experts(self, rank: int) -> tuple[int, ...]:
+        """Expert ids present on ``rank``: 0 (replicated) first, then its owned experts in order."""
+        return (0, *self.owned_range(rank))
+
+    def owner(self, expert: int) -> int:
+        """The rank that holds new expert ``expert`` (>= 1); expert 0 is on every rank."""
+        if not 1 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} has no single owner (new experts are 1..{self.num_experts - 1})")
+        base, extra = divmod(self.num_experts - 1, self.ep_size)
+        i = expert - 1
+        return i // (base + 1) if i < extra * (base + 1) else extra + (i - extra * (base + 1)) // base
+
+    def locate(self, expert: int) -> tuple[int, int]:
+        """``(rank, index into local_experts(rank))`` of an expert; expert 0 maps to rank 0's copy, ``(0, 0)``.
+
+        Converting a checkpoint between ep sizes moves expert ``e`` from ``old.locate(e)`` to ``new.locate(e)``.
+        """
+        if expert == 0:
+            return 0, 0
+        rank = self.owner(expert)
+        return rank, expert - self.owned_range(rank).start + 1
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven ``all_to_all_single`` along dim 0; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(rows, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+    out = rows.new_empty((sum(out_splits), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def _exchange(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
+              group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Differentiable exchange whose backward runs on every rank whenever grad mode is on.
+
+    Whether ``rows`` requires grad can differ between ranks (e.g. frozen inputs and a rank with nothing to
+    compute), and a rank that skipped the backward collective would leave the others waiting, so rows that
+    do not require grad become a throw-away leaf that does.
+    """
+    if torch.is_grad_enabled() and not rows.requires_grad:
+        rows = rows.detach().requires_grad_()
+    return _AllToAll.apply(rows, out_splits, in_splits, group)
+
+
+def _run_experts(rows: torch.Tensor, counts: list[int], experts: Mapping[int, nn.Module]) -> torch.Tensor:
+    """Rows sorted by expert, ``counts[e]`` of them for expert ``e``: each expert on its contiguous slice."""
+    outputs, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            outputs.append(experts[e](rows[start:start + count]))
+            start += count
+    return torch.cat(outputs) if outputs else rows  # no outputs: ``rows`` is empty (keeps the autograd graph)
+
+
+def expert_parallel_forward(x: torch.Tensor, experts: Mapping[int, nn.Module], token_index: torch.Tensor,
+                            expert_index: torch.Tensor, weight: torch.Tensor, placement: ExpertPlacement,
+                            group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``y[t] = sum over assignments (t, e, w) of w * expert_e(x[t])``, each expert run by the rank holding it.
+
+    ``x``: [N, h] this rank's tokens; ``experts``: this rank's experts by id (``placement.local_experts``);
+    the three index tensors: [M] assignments. Every rank of ``group`` must call this (with any number of
+    assignments, zero included) in the same order, like any collective.
+    """
+    world = dist.get_world_size(group) if group is not None or dist.is_initialized() else 1
+    if world != placement.ep_size:
+        raise ValueError(f"placement is for {placement.ep_size} ranks, the group has {world}")
+    rank = dist.get_rank(group) if world > 1 else 0
+    num_experts = placement.num_experts
+    owners = torch.tensor([rank] + [placement.owner(e) for e in range(1, num_experts)], device=x.device)
+    dest = owners[expert_index]
+    is_local = dest == rank
+
+    # Local assignments (expert 0 and the owned experts), grouped by expert.
+    local = torch.nonzero(is_local).squeeze(1)
+    local = local[torch.argsort(expert_index[local], stable=True)]
+    counts = torch.bincount(expert_index[local], minlength=num_experts).tolist()
+    tokens, weights = [token_index[local]], [weight[local]]
+    outputs = [_run_experts(x[tokens[0]], counts, experts)]
+
+    if world > 1:
+        # Remote assignments grouped by (destination, expert): one contiguous chunk per destination.
+        remote = torch.nonzero(~is_local).squeeze(1)
+        key = dest[remote] * num_experts + expert_index[remote]
+        order = torch.argsort(key, stable=True)
+        remote, key = remote[order], key[order]
+        send_counts = torch.bincount(key, minlength=world * num_experts)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        send_splits = send_counts.view(world, num_experts).sum(1).tolist()
+        recv_splits = recv_counts.view(world, num_experts).sum(1).tolist()
+
+        received = _exchange(x[token_index[remote]], recv_splits, send_splits, group)
+        # Received rows come by (source, expert): regroup by expert, run the experts, restore the order.
+        received_expert = torch.repeat_interleave(
+            torch.arange(num_experts, device=x.device).repeat(world), recv_counts)
+        by_expert = torch.argsort(received_expert, stable=True)
+        counts = recv_counts.view(world, num_experts).sum(0).tolist()
+        processed = _run_experts(received[by_expert], counts, experts)[torch.argsort(by_expert)]
+        outputs.append(_exchange(processed, send_splits, recv_splits, group))
+        tokens.append(token_index[remote])
+        weights.append(weight[remote])
+
+    weighted = torch.cat(outputs) * torch.cat(weights).unsqueeze(-1).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, torch.cat(tokens), weighted)
+
+
+class RemoteExpert(nn.Module):
+    """Stands in for an expert held by another rank: no parameters, never called."""
+
+    def __init__(self, expert: int, owner: int):
+        super().__init__()
+        self.expert, self.owner = expert, owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"expert {self.expert} is held by rank {self.owner} of the expert-parallel group")
+
+    def extra_repr(self) -> str:
+        return f"expert={self.expert}, owner={self.owner}"
+
+
+class ExpertParallelDispatch:
+    """A block's ``dispatch(x, token_index, expert_index, weight)`` running its experts with expert parallelism."""
+
+    def __init__(self, experts: Mapping[int, nn.Module], placement: ExpertPlacement,
+                 group: dist.ProcessGroup | None):
+        self.experts, self.placement, self.group = dict(experts), placement, group
+
+    def __call__(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
+                 weight: torch.Tensor) -> torch.Tensor:
+        return expert_parallel_forward(x, self.experts, token_index, expert_index, weight, self.placement, self.group)
+
+
+def shard_block(block: LayerMoEBlock, placement: ExpertPlacement, group: dist.ProcessGroup | None = None) -> None:
+    """Keep only this rank's experts in ``block`` (the others become parameterless ``RemoteExpert``s, so expert
+    ids and state-dict keys stay global) and set ``block.dispatch`` to an ``ExpertParallelDispatch``."""
+    if placement.num_experts != block.num_experts:
+        raise ValueError(f"placement is for {placement.num_experts} experts, the block has {block.num_experts}")
+    rank = dist.get_rank(group)
+    local = placement.local_experts(rank)
+    for e in range(1, block.num_experts):
+        if e not in local:
+            block.experts[e] = RemoteExpert(e, placement.owner(e))
+    block.dispatch = ExpertParallelDispatch({e: block.experts[e] for e in local}, placement, group)
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel / expert-data-parallel groups of one ep size."""
+    return f"ep_size_{ep_size}"
+
+
+def mark_expert_parameters(model: nn.Module, ep_size: int) -> int:
+    """Tag the new experts' parameters (experts >= 1 of every ``LayerMoEBlock``) as DeepSpeed MoE parameters:
+    ``allreduce = False`` and ``group_name = "ep_size_<ep_size>"``, so their gradients are reduced over the
+    expert-data-parallel group of that name. Expert 0 (frozen, replicated) stays a dense parameter.
+    Returns how many parameters were tagged."""
+    marked = 0
+    for block in model.modules():
+        if isinstance(block, LayerMoEBlock):
+            for expert in list(block.experts)[1:]:
+                for param in expert.parameters():
+                    param.allreduce = False
+                    param.group_name = expert_group_name(ep_size)
+                    marked += 1
+    return marked
+
+
+def expert_parallel_group(ep_size: int) -> dist.ProcessGroup:
+    """This rank's expert-parallel group, created with DeepSpeed's groups (consecutive ranks
+    ``[0..ep_size-1], [ep_size..]``; their expert-data-parallel groups ``[r, r+ep_size, ...]``) if needed.
+
+    Needs ``deepspeed.init_distributed()`` first; every rank must call it (group creation is collective).
+    """
+    from deepspeed.utils import groups
+
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)

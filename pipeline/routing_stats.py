@@ -1,0 +1,78 @@
+"""Routing statistics accumulated over many forwards, reported per layer.
+
+Per MoE layer: expert load (assigned slots per expert; max/mean, 1.0 = balanced whatever E is), dead experts
+(no assignment in the interval), the share of original-language tokens whose effective top-1 is expert 0
+(the classifier sending a token to expert 0 counts as top-1 = 0), and classifier accuracy where there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.hf_modeling.modeling_layermoe import OLD, RoutingRecord
+
+
+@dataclass
+class LayerCounts:
+    load: torch.Tensor  # [E] assigned slots
+    original_tokens: int = 0
+    original_top1_is_0: int = 0
+    classified: int = 0
+    classified_correct: int = 0
+
+
+@dataclass
+class RoutingStats:
+    layers: dict[int, LayerCounts] = field(default_factory=dict)
+
+    def add(self, records: dict[int, RoutingRecord], original: torch.Tensor) -> None:
+        """Accumulate one forward's records; ``original`` is the flat [N] bool original-language mask."""
+        for i, r in records.items():
+            num_experts = r.router_logits.shape[-1]
+            counts = self.layers.setdefault(i, LayerCounts(torch.zeros(num_experts, dtype=torch.long)))
+            valid = r.valid
+            top1 = r.expert_indices[:, 0].clone()
+            routed = valid.clone()
+            if r.sent_to_original is not None:
+                top1[r.sent_to_original] = 0
+                routed &= ~r.sent_to_original
+                counts.load[0] += int((valid & r.sent_to_original).sum())
+                predicted_old = r.classifier_logits.argmax(-1) == OLD
+                counts.classified += int(valid.sum())
+                counts.classified_correct += int((predicted_old == original)[valid].sum())
+            counts.load += torch.bincount(r.expert_indices[routed].reshape(-1).cpu(), minlength=num_experts)
+            mask = valid & original
+            counts.original_tokens += int(mask.sum())
+            counts.original_top1_is_0 += int((top1[mask] == 0).sum())
+
+    def summary(self) -> dict[int, dict]:
+        out = {}
+        for i, c in sorted(self.layers.items()):
+            load = c.load.float()
+            out[i] = {
+                "experts": len(c.load),
+                "load": c.load.tolist(),
+                "load_max_over_mean": float(load.max() / load.mean()) if load.sum() > 0 else None,
+                "dead_experts": int((c.load == 0).sum()),
+                "original_top1_expert0": c.original_top1_is_0 / c.original_tokens if c.original_tokens else None,
+                "classifier_accuracy": c.classified_correct / c.classified if c.classified else None,
+            }
+        return out
+
+    def one_line(self) -> str:
+        """A compact overview: mean load imbalance, dead experts, expert-0 share, classifier accuracy."""
+        s = self.summary()
+        if not s:
+            return "no MoE layers"
+        imbalance = [v["load_max_over_mean"] for v in s.values() if v["load_max_over_mean"] is not None]
+        share = [v["original_top1_expert0"] for v in s.values() if v["original_top1_expert0"] is not None]
+        acc = [v["classifier_accuracy"] for v in s.values() if v["classifier_accuracy"] is not None]
+        parts = [f"load max/mean {sum(imbalance) / max(len(imbalance), 1):.2f}",
+                 f"dead experts {sum(v['dead_experts'] for v in s.values())}"]
+        if share:
+            parts.append(f"orig->expert0 {sum(share) / len(share):.1%}")
+        if acc:
+            parts.append(f"classifier acc {sum(acc) / len(acc):.1%}")
+        return ", ".join(parts)

@@ -1,0 +1,241 @@
+"""Training stages on tiny random models: losses, what is trained, routing behaviour, resume, multi-process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
+from pipeline.base_model import load_causal_lm
+from pipeline.hf_modeling.modeling_layermoe import RoutingRecord, moe_blocks
+from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
+from pipeline.upcycle import parameter_roles
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss formulas against hand-computed values
+# ---------------------------------------------------------------------------------------------------------
+
+def record(logits, indices, valid=None, classifier_logits=None, sent=None) -> RoutingRecord:
+    logits = torch.tensor(logits, dtype=torch.float32)
+    n = logits.shape[0]
+    probs = torch.softmax(logits, -1)
+    indices = torch.tensor(indices)
+    weights = probs.gather(1, indices)
+    return RoutingRecord(logits, indices, weights / weights.sum(-1, keepdim=True),
+                         torch.ones(n, dtype=torch.bool) if valid is None else torch.tensor(valid),
+                         None if classifier_logits is None else torch.tensor(classifier_logits, dtype=torch.float32),
+                         None if sent is None else torch.tensor(sent))
+
+
+def test_load_balance_by_hand():
+    r = record([[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]], [[0, 1], [0, 2]])
+    # f = slots (2, 1, 1) / 4; P = mean of (1/3,1/3,1/3) and (1/2,1/4,1/4)
+    f = torch.tensor([0.5, 0.25, 0.25])
+    p = torch.tensor([(1 / 3 + 1 / 2) / 2, (1 / 3 + 1 / 4) / 2, (1 / 3 + 1 / 4) / 2])
+    assert load_balance(r).item() == pytest.approx(3 * float((f * p).sum()), rel=1e-6)
+    # perfect balance is 1 whatever E is
+    for e in (2, 3, 5):
+        logits = torch.zeros(e, e).tolist()
+        idx = [[i % e, (i + 1) % e] for i in range(e)]
+        assert load_balance(record(logits, idx)).item() == pytest.approx(1.0, rel=1e-6)
+    # padding and classifier-gated tokens do not count
+    gated = record([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]], [[0, 1], [0, 2]], valid=[True, True], sent=[False, True],
+                   classifier_logits=[[0.0, 1.0], [1.0, 0.0]])
+    only_first = record([[0.0, 0.0, 0.0]], [[0, 1]])
+    assert load_balance(gated).item() == pytest.approx(load_balance(only_first).item())
+
+
+def test_lpr_forms_by_hand():
+    r = record([[math.log(3), 0.0], [0.0, 0.0], [2.0, 1.0]], [[0, 1]] * 3)
+    original = torch.tensor([True, False, True])
+    p0 = [3 / 4, 1 / (1 + math.exp(-1))]
+    assert lpr(r, original, "paper").item() == pytest.approx(-(math.log(p0[0]) + math.log(p0[1])) / 2, rel=1e-6)
+    double = [-math.log(math.exp(p) / (math.exp(p) + math.exp(1 - p))) for p in p0]
+    assert lpr(r, original, "double_softmax").item() == pytest.approx(sum(double) / 2, rel=1e-6)
+    assert lpr(r, torch.tensor([False] * 3)).item() == 0.0
+
+
+def test_classifier_and_ce_by_hand():
+    r = record([[0.0, 0.0]] * 2, [[0, 1]] * 2, classifier_logits=[[2.0, 0.0], [0.0, 0.0]], sent=[True, False])
+    original = torch.tensor([True, False])  # labels OLD, NEW
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
+    assert classifier_loss(r, original).item() == pytest.approx(expected, rel=1e-6)
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = math.log(3)  # p(target=2) = 3/6
+    ids = torch.tensor([[1, 2, 3]])
+    assert next_token_loss(logits, ids).item() == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+
+
+def test_stage_loss_combines_terms():
+    r = record([[1.0, 0.0, 0.5]] * 4, [[0, 2]] * 4, classifier_logits=[[0.3, 0.1]] * 4, sent=[True] * 4)
+    logits, ids = torch.randn(1, 4, 7), torch.randint(0, 7, (1, 4))
+    original = torch.tensor([[True, False, True, True]])
+    s1 = stage_loss(1, logits, ids, {0: r}, original, alpha=0.5)
+    assert s1.total.item() == pytest.approx(s1.ce.item() + 0.5 * s1.balance.item())
+    s2 = stage_loss(2, logits, ids, {0: r}, original, gamma=0.2, beta=0.3)
+    assert s2.total.item() == pytest.approx(s2.ce.item() + 0.2 * s2.lpr.item() + 0.3 * s2.classifier.item())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training runs (tiny model, real DeepSpeed engine)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_model(root / "dense", "llama", tokenizer_dir, seed=2, layers=2)
+    for lang in ("en", "el", "hu"):
+        write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 300, seed=11))
+    return root
+
+
+def write_config(root: Path, run_dir: Path, **train) -> Path:
+    stage1 = dict(steps=30, lr=0.003, warmup_steps=2, micro_batch_size=4, block_length=48, tokens_per_language=15000)
+    stage2 = dict(steps=40, lr=0.05, warmup_steps=2, micro_batch_size=4, block_length=48, tokens_per_language=6000,
+                  replay_tokens_per_language=6000)
+    stage1.update(train.pop("stage1", {}))
+    stage2.update(train.pop("stage2", {}))
+    body = {
+        "name": "t", "run_dir": str(run_dir), "old_languages": ["en"],
+        "rounds": [{"name": "g1", "languages": ["el", "hu"]}],
+        "model": {"path": str(root / "dense")},
+        "data": {"builtin_corpus": "none", "sources": {l: {"path": str(root / f"{l}.jsonl")} for l in ("en", "el", "hu")}},
+        "analyze": {"tokens_per_language": 300, "max_length": 48},
+        "allocate": {"method": "explicit", "explicit": [3, 2], "classifier_layers": [0, 1]},
+        "train": {"stats_every": 10, "stage1": stage1, "stage2": stage2, **train},
+    }
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
+    from pipeline.packing import load_tokenizer, pack_documents
+
+    model = load_causal_lm(model_dir)
+    blocks = pack_documents([(0, t) for t in synthetic_documents(lang, 40, seed=99)], load_tokenizer(model_dir), 48, [lang],
+                            max_blocks=16)
+    with torch.no_grad():
+        return next_token_loss(model(blocks.input_ids).logits, blocks.input_ids).item()
+
+
+def test_stage1_then_stage2_in_process(train_setup, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(train_setup, run_dir)
+    proc = run_cli(["run", str(config)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    g1 = run_dir / "g1"
+    upcycled = load_causal_lm(g1 / "upcycle" / "model")
+    stage1 = load_causal_lm(g1 / "train_stage1" / "model")
+    stage2 = load_causal_lm(g1 / "train_stage2" / "model")
+
+    # stage 1 lowers new-language loss; everything but round-1 experts and routers stays bit-identical
+    assert eval_loss(g1 / "train_stage1" / "model", train_setup, "el") < eval_loss(g1 / "upcycle" / "model", train_setup, "el") - 0.05
+    before, after = dict(parameter_roles(upcycled)), dict(parameter_roles(stage1))
+    for role in ("original", "classifiers"):
+        for (name, p0), (_, p1) in zip(before[role], after[role]):
+            assert torch.equal(p0, p1), name
+    assert any(not torch.equal(p0, p1) for (_, p0), (_, p1) in zip(before["experts_round1"], after["experts_round1"]))
+
+    # stage 2 trains routers + classifiers only
+    s1_roles, s2_roles = dict(parameter_roles(stage1)), dict(parameter_roles(stage2))
+    for role in ("original", "experts_round1"):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(s1_roles[role], s2_roles[role]))
+    stats1 = json.loads((g1 / "train_stage1" / "routing_stats.json").read_text())
+    stats2 = json.loads((g1 / "train_stage2" / "routing_stats.json").read_text())
+    share = lambda s: sum(v["original_top1_expert0"] for v in s["layers"].values()) / len(s["layers"])
+    accuracy = lambda s: sum(v["classifier_accuracy"] for v in s["layers"].values() if v["classifier_accuracy"] is not None) / 2
+    # stage 2 raises the expert-0 share of original-language tokens and the classifier accuracy
+    assert share(stats2[-1]) > share(stats2[0]) or share(stats2[-1]) > 0.95
+    assert accuracy(stats2[-1]) > accuracy(stats2[0]) and accuracy(stats2[-1]) > 0.8
+    assert "stage 1 step 30/30" in proc.stderr and "tok/s" in proc.stderr and "ETA" in proc.stderr
+    manifest = json.loads((g1 / "train_stage2" / "manifest.json").read_text())
+    assert manifest["summary"]["steps"] == 40
+
+    # the whole run is up to date now
+    again = run_cli(["run", str(config)])
+    assert again.returncode == 0 and again.stderr.count("up to date") == 5
+
+
+def state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path):
+    common = dict(stage1=dict(steps=160, block_length=96, micro_batch_size=8), checkpoint_every=40)
+    reference = write_config(train_setup, tmp_path / "ref", **common)
+    assert run_cli(["upcycle", str(reference)]).returncode == 0
+    assert run_cli(["train", str(reference), "--stage", "1"]).returncode == 0
+
+    killed = write_config(train_setup, tmp_path / "killed", **common)
+    assert run_cli(["upcycle", str(killed)]).returncode == 0
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(killed), "--stage", "1"], cwd=ROOT,
+                            env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "checkpoint step40 saved" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stage_dir = tmp_path / "killed" / "g1" / "train_stage1"
+    assert not stage_dir.exists()  # nothing half-written
+    resumed = run_cli(["train", str(killed), "--stage", "1"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 40" in resumed.stderr
+    a, b = state(tmp_path / "ref" / "g1" / "train_stage1" / "model"), state(stage_dir / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero1_fp32.json", "ds_configs/zero2_fp32.json"])
+def test_two_processes_match_one(train_setup, tmp_path, ds_config):
+    """Data parallel over 2 gloo ranks (ZeRO-1 / ZeRO-2) = 1 process with 2 accumulation steps."""
+    one = write_config(train_setup, tmp_path / "one", ds_config=ds_config,
+                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=2))
+    assert run_cli(["upcycle", str(one)]).returncode == 0
+    proc = run_cli(["train", str(one), "--stage", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = write_config(train_setup, tmp_path / "two", ds_config=ds_config,
+                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1))
+    assert run_cli(["upcycle", str(two)]).returncode == 0
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), "stages/train.py", "--config", str(two),
+                           "--stage", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = state(tmp_path / "one" / "g1" / "train_stage1" / "model"), state(tmp_path / "two" / "g1" / "train_stage1" / "model")
+    changed = 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        changed += not torch.equal(a[key], state(tmp_path / "one" / "g1" / "upcycle" / "model")[key])
+    assert changed > 0
+
+
+def test_nan_loss_stops_with_a_clear_message(train_setup, tmp_path):
+    config = write_config(train_setup, tmp_path / "nan", stage1=dict(steps=5, lr=1e30, warmup_steps=0), checkpoint_every=1)
+    assert run_cli(["upcycle", str(config)]).returncode == 0
+    proc = run_cli(["train", str(config), "--stage", "1"])
+    assert proc.returncode == 2
+    assert "non-finite loss at step" in proc.stderr and "last good checkpoint" in proc.stderr
+    assert not (tmp_path / "nan" / "g1" / "train_stage1").exists()
