@@ -53,8 +53,9 @@ def _run(args: argparse.Namespace) -> None:
     from pipeline.runner import run_pipeline
 
     config = _load(args)
+    first, last = (args.only, args.only) if args.only else (args.first, args.until)
     with distributed_from_env():
-        run_pipeline(config, force=args.force)
+        run_pipeline(config, force=args.force, first=first, last=last)
 
 
 def _show_config(args: argparse.Namespace) -> None:
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage of every round (finished stages are skipped)")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
+    p.add_argument("--from", dest="first", metavar="STAGE", help="start each round at this stage")
+    p.add_argument("--until", metavar="STAGE", help="end each round after this stage")
+    p.add_argument("--only", metavar="STAGE", help="run only this stage in each round")
     p.set_defaults(func=_run)
 
     for stage, text in (("analyze", "layer-wise similarity of new vs old languages -> similarity.json"),

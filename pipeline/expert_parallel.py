@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.layer import MoE
 from torch import nn
 
 from .hf_modeling.modeling_layermoe import LayerMoEBlock
+from .hf_modeling.router_kernel import RouteResult
 
 
 @dataclass(frozen=True)
@@ -178,15 +180,18 @@ class RemoteExpert(nn.Module):
 
 
 class ExpertParallelDispatch:
-    """A block's ``dispatch(x, token_index, expert_index, weight)`` running its experts with expert parallelism."""
+    """A block's ``dispatch(x, routing)`` that runs its experts with expert parallelism."""
 
     def __init__(self, experts: Mapping[int, nn.Module], placement: ExpertPlacement,
                  group: dist.ProcessGroup | None):
         self.experts, self.placement, self.group = dict(experts), placement, group
 
-    def __call__(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
-                 weight: torch.Tensor) -> torch.Tensor:
-        return expert_parallel_forward(x, self.experts, token_index, expert_index, weight, self.placement, self.group)
+    def __call__(self, x: torch.Tensor, routing: RouteResult) -> torch.Tensor:
+        k = routing.indices.shape[1]
+        slots = routing.indices.reshape(-1)
+        active = torch.nonzero(slots < self.placement.num_experts).squeeze(1)  # index E: inactive slot
+        return expert_parallel_forward(x, self.experts, active // k, slots[active], routing.weights.reshape(-1)[active],
+                                       self.placement, self.group)
 
 
 def shard_block(block: LayerMoEBlock, placement: ExpertPlacement, group: dist.ProcessGroup | None = None) -> None:
@@ -203,31 +208,17 @@ def shard_block(block: LayerMoEBlock, placement: ExpertPlacement, group: dist.Pr
 
 
 def expert_group_name(ep_size: int) -> str:
-    """DeepSpeed's name for the expert-parallel / expert-data-parallel groups of one ep size."""
+    """DeepSpeed's name for the expert-parallel and expert-data-parallel groups of one ep size."""
     return f"ep_size_{ep_size}"
 
 
-def mark_expert_parameters(model: nn.Module, ep_size: int) -> int:
-    """Tag the new experts' parameters (experts >= 1 of every ``LayerMoEBlock``) as DeepSpeed MoE parameters:
-    ``allreduce = False`` and ``group_name = "ep_size_<ep_size>"``, so their gradients are reduced over the
-    expert-data-parallel group of that name. Expert 0 (frozen, replicated) stays a dense parameter.
-    Returns how many parameters were tagged."""
-    marked = 0
-    for block in model.modules():
-        if isinstance(block, LayerMoEBlock):
-            for expert in list(block.experts)[1:]:
-                for param in expert.parameters():
-                    param.allreduce = False
-                    param.group_name = expert_group_name(ep_size)
-                    marked += 1
-    return marked
-
-
 def expert_parallel_group(ep_size: int) -> dist.ProcessGroup:
-    """This rank's expert-parallel group, created with DeepSpeed's groups (consecutive ranks
-    ``[0..ep_size-1], [ep_size..]``; their expert-data-parallel groups ``[r, r+ep_size, ...]``) if needed.
+    """This rank's expert-parallel group of ``ep_size`` ranks, created (collectively: every rank must call this)
+    with DeepSpeed's groups if needed: expert-parallel groups of consecutive ranks ``[0..P-1], [P..2P-1], ...``,
+    expert-data-parallel groups ``[r, r+P, r+2P, ...]`` (same ep rank, so the same experts).
 
-    Needs ``deepspeed.init_distributed()`` first; every rank must call it (group creation is collective).
+    Needs ``deepspeed.init_distributed()`` first. Pass the result to ``shard_block``, so that the group the
+    experts are split over is the one DeepSpeed pairs with the expert-data-parallel groups it reduces over.
     """
     from deepspeed.utils import groups
 
@@ -235,3 +226,47 @@ def expert_parallel_group(ep_size: int) -> dist.ProcessGroup:
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     return groups._get_expert_parallel_group(name)
+
+
+class DeepSpeedMoEMarker(MoE):
+    """A parameterless ``deepspeed.moe.layer.MoE`` that only makes the DeepSpeed engine take its MoE paths.
+
+    The engine reduces MoE-tagged gradients over expert-data-parallel groups only when the model contains an
+    ``MoE`` module (``engine.has_moe_layers``); tagged parameters without one fail in ``engine.step`` (ZeRO 0:
+    KeyError 'ep_size_N'; ZeRO 1/2: TypeError). ``MoE.__init__`` (gate, experts) is skipped on purpose; the
+    engine reads only the attributes set here, and DeepSpeed's per-expert checkpoint files stay empty.
+    """
+
+    def __init__(self, num_experts: int, ep_size: int):
+        nn.Module.__init__(self)
+        self.num_experts, self.ep_size, self.num_local_experts = num_experts, ep_size, 0
+        self.expert_group_name = expert_group_name(ep_size)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize``: make sure the groups exist."""
+        if use_data_before_expert_parallel_:
+            raise NotImplementedError("use_data_before_expert_parallel_ is not supported with shard_block")
+        expert_parallel_group(self.ep_size)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("DeepSpeedMoEMarker only marks a LayerMoEBlock for DeepSpeed; it computes nothing")
+
+
+def mark_expert_parameters(model: nn.Module, ep_size: int) -> int:
+    """Make DeepSpeed treat the new experts (ids >= 1 of every ``LayerMoEBlock``) as expert-parallel.
+
+    Their parameters get ``allreduce = False`` and ``group_name = "ep_size_<ep_size>"`` (DeepSpeed's
+    ``is_moe_param``), so they are broadcast and their gradients reduced over the expert-data-parallel group of
+    that name instead of the whole data-parallel group; expert 0 (frozen, replicated) stays a dense parameter.
+    When some tagged parameter requires grad (call this after choosing what is trainable), every block also
+    gets a ``DeepSpeedMoEMarker`` so that the engine uses those groups. Returns the number of tagged tensors.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, LayerMoEBlock)]
+    tagged = [p for block in blocks for expert in list(block.experts)[1:] for p in expert.parameters()]
+    for param in tagged:
+        param.allreduce = False
+        param.group_name = expert_group_name(ep_size)
+    if any(p.requires_grad for p in tagged):
+        for block in blocks:
+            block.deepspeed_moe_marker = DeepSpeedMoEMarker(block.num_experts, ep_size)
+    return len(tagged)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from pipeline import __version__, distributed, log
 from pipeline.atomic import atomic_directory, write_json
+from pipeline.errors import LayerMoEError
 
 MANIFEST = "manifest.json"
 SAMPLED_HASH_ABOVE = 256 * 2**20  # files larger than this are identified by size, mtime and sampled content
@@ -99,6 +100,9 @@ def run_stage(spec: StageSpec, body: Callable[[Path | None], dict[str, Any] | No
     body and the manifest are complete; on other ranks it gets ``None`` (compute, do not write). Whatever
     dict ``body`` returns is stored in the manifest under ``summary``.
     """
+    missing = {name: str(p) for name, p in spec.inputs.items() if not Path(p).exists()}
+    if missing:
+        raise LayerMoEError(f"{spec.label}: inputs missing: {missing}; run the earlier stages first")
     input_hashes = {name: hash_path(p) for name, p in spec.inputs.items()}
     fp = fingerprint(spec.config_slice, input_hashes)
     previous = read_manifest(spec.out_dir)

@@ -252,11 +252,16 @@ def ready_rounds(config: RunConfig) -> Iterator[int]:
         yield r
 
 
-def run_pipeline(config: RunConfig, force: bool = False) -> None:
-    """Every available stage of every ready round, in order; finished stages are skipped."""
+def run_pipeline(config: RunConfig, force: bool = False, first: str | None = None, last: str | None = None) -> None:
+    """Every stage of every ready round, in order; finished stages are skipped. ``first``/``last`` restrict
+    the stages run in each round (``--from``, ``--until``; both = ``--only``)."""
+    for name in (first, last):
+        if name is not None and name not in STAGES:
+            raise LayerMoEError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+    selected = STAGES[STAGES.index(first) if first else 0: STAGES.index(last) + 1 if last else len(STAGES)]
     config.run_path.mkdir(parents=True, exist_ok=True)
     write_json(config.run_path / "config.json", to_dict(config))
     for r in ready_rounds(config):
-        for stage in STAGES:
+        for stage in selected:
             STAGE_FUNCTIONS[stage](config, r, force)
     log.info(f"run complete: {config.run_path}")

@@ -40,6 +40,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_load_and_overrides(tmp_path):
+    assert load_config(write(tmp_path), ["train.stage1.lr=1e-4"]).train.stage1.lr == 1e-4  # YAML reads 1e-4 as a string
     c = load_config(write(tmp_path), ["analyze.batch_size=3", "rounds.1.languages=[tr]", "allocate.delta=41.5",
                                       "model.path=/x", "data.sources.tr.format=jsonl"])
     assert c.analyze.batch_size == 3 and c.allocate.delta == 41.5 and c.model.path == "/x"

@@ -126,6 +126,12 @@ def run_cli(args: list[str], env_extra: dict | None = None, **kwargs) -> subproc
                           text=True, timeout=600, **kwargs)
 
 
+def prepare(config: Path) -> None:
+    """analyze, allocate and upcycle: the stages before training."""
+    proc = run_cli(["run", str(config), "--until", "upcycle"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
     from pipeline.packing import load_tokenizer, pack_documents
 
@@ -183,11 +189,11 @@ def state(model_dir: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path):
     common = dict(stage1=dict(steps=160, block_length=96, micro_batch_size=8), checkpoint_every=40)
     reference = write_config(train_setup, tmp_path / "ref", **common)
-    assert run_cli(["upcycle", str(reference)]).returncode == 0
+    prepare(reference)
     assert run_cli(["train", str(reference), "--stage", "1"]).returncode == 0
 
     killed = write_config(train_setup, tmp_path / "killed", **common)
-    assert run_cli(["upcycle", str(killed)]).returncode == 0
+    prepare(killed)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(killed), "--stage", "1"], cwd=ROOT,
                             env=env, stderr=subprocess.PIPE, text=True)
@@ -213,12 +219,12 @@ def test_two_processes_match_one(train_setup, tmp_path, ds_config):
     """Data parallel over 2 gloo ranks (ZeRO-1 / ZeRO-2) = 1 process with 2 accumulation steps."""
     one = write_config(train_setup, tmp_path / "one", ds_config=ds_config,
                        stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=2))
-    assert run_cli(["upcycle", str(one)]).returncode == 0
+    prepare(one)
     proc = run_cli(["train", str(one), "--stage", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = write_config(train_setup, tmp_path / "two", ds_config=ds_config,
                        stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1))
-    assert run_cli(["upcycle", str(two)]).returncode == 0
+    prepare(two)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                            "127.0.0.1", "--master_port", str(free_port()), "stages/train.py", "--config", str(two),
@@ -234,7 +240,7 @@ def test_two_processes_match_one(train_setup, tmp_path, ds_config):
 
 def test_nan_loss_stops_with_a_clear_message(train_setup, tmp_path):
     config = write_config(train_setup, tmp_path / "nan", stage1=dict(steps=5, lr=1e30, warmup_steps=0), checkpoint_every=1)
-    assert run_cli(["upcycle", str(config)]).returncode == 0
+    prepare(config)
     proc = run_cli(["train", str(config), "--stage", "1"])
     assert proc.returncode == 2
     assert "non-finite loss at step" in proc.stderr and "last good checkpoint" in proc.stderr

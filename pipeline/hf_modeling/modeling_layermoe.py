@@ -80,7 +80,9 @@ def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, routing: Rou
     tokens = order // k
     gathered = x[tokens]
     spans = enumerate(zip(offsets, offsets[1:]))
-    outputs = [experts[e](gathered[start:end]) for e, (start, end) in spans if end > start]
+    # while training, an expert with no tokens still runs (on an empty slice) so that its parameters get a
+    # (zero) gradient on every rank: data-parallel gradient reduction needs the same tensors everywhere
+    outputs = [experts[e](gathered[start:end]) for e, (start, end) in spans if end > start or torch.is_grad_enabled()]
     if not outputs:
         return torch.zeros_like(x)
     weighted = torch.cat(outputs) * routing.weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)

@@ -262,7 +262,7 @@ def _route_backward_kernel(probs_ptr, router_indices_ptr, gate_ptr, valid_ptr, g
     if HAS_GATE:  # the override's weights are constants: only the router's own weights carry gradient there
         gated = tl.load(gate_ptr + rows, mask=row_ok, other=0) != 0
         balance = balance & (gated == 0)
-        grad_w = grad_w
+        grad_w = tl.where(gated[:, None], 0.0, grad_w)
         grad_w += tl.load(grad_router_weights_ptr + slot_offs, mask=slot_ok, other=0.0)
 
     hit = idx[:, :, None] == cols[None, None, :]  # [rows, slots, experts]

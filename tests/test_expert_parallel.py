@@ -1,0 +1,290 @@
+"""Expert parallelism with uneven expert counts: placement, and 2-process gloo runs against one process."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import free_port
+from pipeline.expert_parallel import (DeepSpeedMoEMarker, ExpertPlacement, RemoteExpert, expert_parallel_forward,
+                                      expert_parallel_group, mark_expert_parameters, shard_block)
+from pipeline.hf_modeling import modeling_layermoe
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock
+
+HIDDEN, FFN = 8, 16
+TOKENS = (13, 9)  # tokens on rank 0 and rank 1
+ATOL = RTOL = 1e-5
+
+
+# ---------------------------------------------------------------- placement (single process)
+
+@pytest.mark.parametrize("num_experts, ep_size", [(2, 2), (3, 2), (4, 2), (6, 2), (7, 3), (3, 4), (2, 4), (11, 4), (5, 1), (1, 3)])
+def test_placement_splits_new_experts_into_contiguous_nearly_equal_chunks(num_experts, ep_size):
+    placement = ExpertPlacement(num_experts, ep_size)
+    chunks = [placement.owned_range(r) for r in range(ep_size)]
+    assert [e for chunk in chunks for e in chunk] == list(range(1, num_experts))  # each new expert once, in order
+    sizes = [len(c) for c in chunks]
+    assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+    for rank, chunk in enumerate(chunks):
+        assert placement.local_experts(rank) == (0, *chunk)
+        for e in chunk:
+            assert placement.owner(e) == rank
+            assert placement.local_experts(rank)[placement.locate(e)[1]] == e
+    assert placement.locate(0) == (0, 0)
+
+
+def test_placement_examples_and_errors():
+    assert [ExpertPlacement(6, 2).local_experts(r) for r in (0, 1)] == [(0, 1, 2, 3), (0, 4, 5)]
+    assert [ExpertPlacement(3, 4).local_experts(r) for r in range(4)] == [(0, 1), (0, 2), (0,), (0,)]
+    assert [ExpertPlacement(8, 3).locate(e) for e in (3, 4, 5, 7)] == [(0, 3), (1, 1), (1, 2), (2, 2)]
+    with pytest.raises(ValueError, match="no single owner"):
+        ExpertPlacement(3, 2).owner(0)
+    with pytest.raises(ValueError, match="not in an expert-parallel group"):
+        ExpertPlacement(3, 2).local_experts(2)
+    with pytest.raises(ValueError):
+        ExpertPlacement(3, 0)
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_expert() -> nn.Module:
+    return nn.Sequential(nn.Linear(HIDDEN, FFN), nn.SiLU(), nn.Linear(FFN, HIDDEN))
+
+
+def route(gen: torch.Generator, tokens: int, num_experts: int, allowed: tuple[int, ...], k: int = 2):
+    """Top-k assignments over random logits restricted to ``allowed``: (token_index, expert_index, weight)."""
+    logits = torch.full((tokens, num_experts), float("-inf"))
+    logits[:, list(allowed)] = torch.randn(tokens, len(allowed), generator=gen)
+    k = min(k, len(allowed))
+    weights, experts = torch.softmax(logits, -1).topk(k)
+    token_index = torch.arange(tokens).unsqueeze(1).expand(-1, k).reshape(-1)
+    return token_index, experts.reshape(-1), (weights / weights.sum(-1, keepdim=True)).reshape(-1)
+
+
+def reference(x, experts, token_index, expert_index, weight):
+    """Per assignment: ``y[t] += w * experts[e](x[t])``."""
+    rows = [w * experts[e](x[t:t + 1]) for t, e, w in zip(token_index.tolist(), expert_index.tolist(), weight)]
+    return torch.zeros_like(x).index_add(0, token_index, torch.cat(rows)) if rows else torch.zeros_like(x)
+
+
+def grad_or_zero(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def summed_grad(p: torch.Tensor) -> torch.Tensor:
+    """The gradient summed over the ranks (what data parallelism reduces for a replicated parameter)."""
+    grad = grad_or_zero(p).clone()
+    dist.all_reduce(grad)
+    return grad
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+def _worker(rank: int, port: int, check, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))  # a deadlock fails
+    try:
+        check(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(check, *args) -> None:
+    mp.spawn(_worker, args=(free_port(), check, args), nprocs=2, join=True)
+
+
+# ---------------------------------------------------------------- expert_parallel_forward
+
+ROUTINGS = ("random", "skewed", "all_local", "rank1_empty", "frozen")
+
+
+def _check_forward_backward(rank: int) -> None:
+    for num_experts in (2, 3, 4, 6):
+        placement = ExpertPlacement(num_experts, 2)
+        for seed, routing in enumerate(ROUTINGS):
+            case = f"E={num_experts} {routing} rank {rank}"
+            gen = torch.Generator().manual_seed(100 * num_experts + seed)
+            torch.manual_seed(seed)
+            experts = [make_expert() for _ in range(num_experts)]
+            if routing == "frozen":  # x and expert 0 without grad: the backward still meets on every rank
+                experts[0].requires_grad_(False)
+            per_rank = []
+            for r, tokens in enumerate(TOKENS):
+                x = torch.randn(tokens, HIDDEN, generator=gen)
+                everything = tuple(range(num_experts))
+                allowed = {"skewed": placement.local_experts(r) if r == 1 else everything,
+                           "all_local": placement.local_experts(r)}.get(routing, everything)
+                token_index, expert_index, weight = route(gen, tokens, num_experts, allowed)
+                if routing == "rank1_empty" and r == 1:
+                    token_index, expert_index, weight = token_index[:0], expert_index[:0], weight[:0]
+                per_rank.append((x, token_index, expert_index, weight, torch.randn(tokens, HIDDEN, generator=gen)))
+
+            # one process on the concatenation of both ranks' data
+            x_ref = torch.cat([p[0] for p in per_rank]).requires_grad_(routing != "frozen")
+            offsets = (0, TOKENS[0])
+            tokens_ref = torch.cat([p[1] + off for p, off in zip(per_rank, offsets)])
+            weight_ref = torch.cat([p[3] for p in per_rank]).requires_grad_()
+            experts_ref = copy.deepcopy(experts)
+            y_ref = reference(x_ref, experts_ref, tokens_ref, torch.cat([p[2] for p in per_rank]), weight_ref)
+            (y_ref * torch.cat([p[4] for p in per_rank])).sum().backward()
+
+            # this rank's share
+            x, token_index, expert_index, weight, probe = per_rank[rank]
+            x = x.clone().requires_grad_(routing != "frozen")
+            weight = weight.clone().requires_grad_()
+            local = {e: experts[e] for e in placement.local_experts(rank)}
+            y = expert_parallel_forward(x, local, token_index, expert_index, weight, placement)
+            mine = slice(offsets[rank], offsets[rank] + TOKENS[rank])
+            close(y, y_ref[mine], f"{case}: output")
+            with torch.no_grad():
+                close(expert_parallel_forward(x, local, token_index, expert_index, weight, placement),
+                      y_ref[mine], f"{case}: output without grad")
+            (y * probe).sum().backward()
+            if routing != "frozen":
+                close(x.grad, x_ref.grad[mine], f"{case}: grad of x")
+            first = 0 if rank == 0 else len(per_rank[0][1])
+            close(weight.grad, weight_ref.grad[first:first + len(weight)], f"{case}: grad of the routing weights")
+            for e in placement.owned_range(rank):
+                for p, p_ref in zip(experts[e].parameters(), experts_ref[e].parameters()):
+                    close(grad_or_zero(p), grad_or_zero(p_ref), f"{case}: grad of expert {e}")
+            if routing != "frozen":
+                for p, p_ref in zip(experts[0].parameters(), experts_ref[0].parameters()):
+                    close(summed_grad(p), grad_or_zero(p_ref), f"{case}: summed grad of expert 0")
+
+
+def test_expert_parallel_forward_and_backward_equal_one_process():
+    run_two_ranks(_check_forward_backward)
+
+
+def test_one_rank_group_is_the_local_computation():
+    torch.manual_seed(0)
+    experts = [make_expert() for _ in range(3)]
+    x = torch.randn(7, HIDDEN)
+    token_index, expert_index, weight = route(torch.Generator().manual_seed(0), 7, 3, (0, 1, 2))
+    y = expert_parallel_forward(x, dict(enumerate(experts)), token_index, expert_index, weight, ExpertPlacement(3, 1))
+    close(y, reference(x, experts, token_index, expert_index, weight), "output")
+    with pytest.raises(ValueError, match="placement is for 2 ranks"):
+        expert_parallel_forward(x, dict(enumerate(experts)), token_index, expert_index, weight, ExpertPlacement(3, 2))
+
+
+# ---------------------------------------------------------------- shard_block
+
+def make_block(num_experts: int, classifier: bool) -> LayerMoEBlock:
+    torch.manual_seed(num_experts)
+    block = LayerMoEBlock(make_expert(), num_experts, HIDDEN, top_k=2, classifier=classifier)
+    with torch.no_grad():  # copies that differ from the original, as after training
+        for expert in list(block.experts)[1:]:
+            for p in expert.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return block
+
+
+@contextlib.contextmanager
+def dispatch_through(block: LayerMoEBlock) -> Iterator[None]:
+    """Until ``LayerMoEBlock.forward`` calls ``self.dispatch``, route its ``grouped_expert_forward`` call there."""
+    original = modeling_layermoe.grouped_expert_forward
+    modeling_layermoe.grouped_expert_forward = lambda x, experts, routing: block.dispatch(x, routing)
+    try:
+        yield
+    finally:
+        modeling_layermoe.grouped_expert_forward = original
+
+
+def _check_shard_block(rank: int) -> None:
+    for num_experts, classifier in ((2, False), (3, False), (4, True), (6, False)):
+        case = f"E={num_experts} classifier={classifier} rank {rank}"
+        block = make_block(num_experts, classifier)
+        reference_block = copy.deepcopy(block)
+        gen = torch.Generator().manual_seed(num_experts)
+        hidden, probe = torch.randn(4, 5, HIDDEN, generator=gen), torch.randn(4, 5, HIDDEN, generator=gen)
+        hidden_ref = hidden.clone().requires_grad_()
+        (reference_block(hidden_ref) * probe).sum().backward()
+
+        placement = ExpertPlacement(num_experts, 2)
+        shard_block(block, placement)
+        for e in range(1, num_experts):
+            assert isinstance(block.experts[e], RemoteExpert) == (e not in placement.local_experts(rank)), case
+        assert {k.split(".")[1] for k in block.state_dict() if k.startswith("experts.")} == \
+            {str(e) for e in placement.local_experts(rank)}, case
+        mine = slice(2 * rank, 2 * rank + 2)
+        x = hidden[mine].clone().requires_grad_()
+        with dispatch_through(block):
+            y = block(x)
+        close(y, reference_block(hidden)[mine].detach(), f"{case}: output")
+        (y * probe[mine]).sum().backward()
+        close(x.grad, hidden_ref.grad[mine], f"{case}: grad of the input")
+        close(summed_grad(block.router.weight), reference_block.router.weight.grad, f"{case}: summed router grad")
+        for e in placement.local_experts(rank):
+            for p, p_ref in zip(block.experts[e].parameters(), reference_block.experts[e].parameters()):
+                got = summed_grad(p) if e == 0 else grad_or_zero(p)
+                close(got, grad_or_zero(p_ref), f"{case}: grad of expert {e}")
+
+
+def test_sharded_block_equals_the_full_block():
+    run_two_ranks(_check_shard_block)
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+class OneBlock(nn.Module):
+    def __init__(self, block: LayerMoEBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden)
+
+
+def _check_deepspeed(rank: int) -> None:
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    group = expert_parallel_group(2)
+    assert dist.get_process_group_ranks(group) == [0, 1]
+    for stage in (0, 2):
+        block = make_block(4, classifier=False)  # rank 0 owns experts 1 and 2, rank 1 owns expert 3
+        block.experts[0].requires_grad_(False)
+        reference_block = copy.deepcopy(block)
+        gen = torch.Generator().manual_seed(stage)
+        hidden, probe = torch.randn(4, 5, HIDDEN, generator=gen), torch.randn(4, 5, HIDDEN, generator=gen)
+        (reference_block(hidden) * probe).sum().backward()
+        reference_grads = {f"block.{n}": p.grad for n, p in reference_block.named_parameters() if p.requires_grad}
+
+        model = OneBlock(block)
+        shard_block(block, ExpertPlacement(4, 2), group)
+        tagged = mark_expert_parameters(model, ep_size=2)
+        assert tagged == (8 if rank == 0 else 4)  # 4 tensors per expert
+        assert isinstance(block.deepspeed_moe_marker, DeepSpeedMoEMarker)
+        assert not hasattr(block.experts[0][0].weight, "allreduce")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"}), lr=1.0)
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+                  "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        assert engine.has_moe_layers
+        mine = slice(2 * rank, 2 * rank + 2)
+        with dispatch_through(block):
+            out = engine(hidden[mine])
+        engine.backward((out * probe[mine]).sum())
+        engine.step()
+        for name, p in model.named_parameters():  # SGD, lr 1: the step is minus the data-parallel mean gradient
+            expected = before[name] - reference_grads[name] / 2 if name in reference_grads else before[name]
+            close(p.detach(), expected, f"ZeRO {stage} rank {rank}: {name} after one step")
+
+
+def test_deepspeed_reduces_expert_gradients_over_the_expert_data_parallel_group():
+    run_two_ranks(_check_deepspeed)
