@@ -8,8 +8,22 @@
   others travel in one uneven all-to-all (after a small all-to-all of counts) and come back in a second one.
   Differentiable with respect to the input, the routing weights and the owners' expert parameters.
 * ``shard_block``: keeps only this rank's experts in a block and makes the block dispatch through the above.
-* ``mark_expert_parameters`` / ``expert_parallel_group``: DeepSpeed's view of the sharded experts (their
-  gradients are reduced over the expert-data-parallel group, not the whole data-parallel group).
+* ``expert_parallel_group``, ``mark_expert_parameters``: the DeepSpeed side (groups; expert gradients reduced
+  over the expert-data-parallel group instead of the whole data-parallel group).
+
+Use with DeepSpeed (ZeRO 0-2; ``ep_size`` must divide the world size), on every rank, in this order::
+
+    deepspeed.init_distributed()
+    group = expert_parallel_group(ep_size)
+    for block in moe_blocks(model).values():
+        shard_block(block, ExpertPlacement(block.num_experts, ep_size), group)
+    set_trainable(model, roles)                      # before marking: the marker depends on it
+    mark_expert_parameters(model, ep_size)
+    param_groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=AdamW(param_groups, ...), config=...)
+
+(``split_params_into_different_moe_groups_for_optimizer`` is in ``deepspeed.moe.utils``; ZeRO 1/2 refuse a
+client optimizer without its MoE groups, and every rank then needs at least one trainable new expert.)
 """
 
 from __future__ import annotations

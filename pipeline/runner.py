@@ -116,11 +116,14 @@ def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Pa
 
     def body(out: Path | None) -> dict:
         model_config = read_model_config(model_path)
-        num_layers = model_config["num_hidden_layers"]
+        existing = model_config.get("experts_per_layer")  # an expanded model grows by this round's experts
+        base_config = model_config["base_config"] if existing else model_config
+        num_layers = base_config["num_hidden_layers"]
         sim = read_similarity(similarity_file)
         scores = layer_scores(sim.pairs, sim.old, sim.new, settings.aggregation)
         result = allocate(settings, scores, num_layers)
-        params = plan(model_config, result.experts_per_layer, result.classifier_layers)
+        totals = [e + n - 1 for e, n in zip(existing, result.experts_per_layer)] if existing else result.experts_per_layer
+        params = plan(base_config, totals, result.classifier_layers)
         log.info(f"allocate {rnd.name}: {result.method} -> experts per layer {result.experts_per_layer} "
                  f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
         log.info("parameter plan (top-2):\n" + format_plan(params))

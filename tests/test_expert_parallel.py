@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import traceback
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException
 
 from conftest import free_port
 from pipeline.expert_parallel import (DeepSpeedMoEMarker, ExpertPlacement, RemoteExpert, expert_parallel_forward,
@@ -27,7 +29,8 @@ ATOL = RTOL = 1e-5
 
 # ---------------------------------------------------------------- placement (single process)
 
-@pytest.mark.parametrize("num_experts, ep_size", [(2, 2), (3, 2), (4, 2), (6, 2), (7, 3), (3, 4), (2, 4), (11, 4), (5, 1), (1, 3)])
+@pytest.mark.parametrize("num_experts, ep_size",
+                         [(2, 2), (3, 2), (4, 2), (6, 2), (7, 3), (3, 4), (2, 4), (11, 4), (5, 1), (1, 3)])
 def test_placement_splits_new_experts_into_contiguous_nearly_equal_chunks(num_experts, ep_size):
     placement = ExpertPlacement(num_experts, ep_size)
     chunks = [placement.owned_range(r) for r in range(ep_size)]
@@ -91,22 +94,11 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
 
 
-def _worker(rank: int, port: int, check, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))  # a deadlock fails
-    try:
-        check(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_two_ranks(check, *args) -> None:
-    mp.spawn(_worker, args=(free_port(), check, args), nprocs=2, join=True)
-
-
 # ---------------------------------------------------------------- expert_parallel_forward
 
+# skewed: rank 1 routes only to its own experts (sends nothing, still receives); all_local: nothing moves;
+# rank1_empty: rank 1 has no assignments at all; frozen: x and expert 0 need no grad, so for E=2 rank 1 (which
+# owns no expert) has nothing differentiable to send back, and the backward must still meet on both ranks.
 ROUTINGS = ("random", "skewed", "all_local", "rank1_empty", "frozen")
 
 
@@ -118,7 +110,7 @@ def _check_forward_backward(rank: int) -> None:
             gen = torch.Generator().manual_seed(100 * num_experts + seed)
             torch.manual_seed(seed)
             experts = [make_expert() for _ in range(num_experts)]
-            if routing == "frozen":  # x and expert 0 without grad: the backward still meets on every rank
+            if routing == "frozen":
                 experts[0].requires_grad_(False)
             per_rank = []
             for r, tokens in enumerate(TOKENS):
@@ -164,8 +156,8 @@ def _check_forward_backward(rank: int) -> None:
                     close(summed_grad(p), grad_or_zero(p_ref), f"{case}: summed grad of expert 0")
 
 
-def test_expert_parallel_forward_and_backward_equal_one_process():
-    run_two_ranks(_check_forward_backward)
+def test_expert_parallel_forward_and_backward_equal_one_process(two_ranks):
+    two_ranks("forward_backward")
 
 
 def test_one_rank_group_is_the_local_computation():
@@ -193,7 +185,8 @@ def make_block(num_experts: int, classifier: bool) -> LayerMoEBlock:
 
 @contextlib.contextmanager
 def dispatch_through(block: LayerMoEBlock) -> Iterator[None]:
-    """Until ``LayerMoEBlock.forward`` calls ``self.dispatch``, route its ``grouped_expert_forward`` call there."""
+    """Until ``LayerMoEBlock.forward`` calls ``self.dispatch`` (then this patch goes unused), route its
+    ``grouped_expert_forward`` call there."""
     original = modeling_layermoe.grouped_expert_forward
     modeling_layermoe.grouped_expert_forward = lambda x, experts, routing: block.dispatch(x, routing)
     try:
@@ -232,8 +225,8 @@ def _check_shard_block(rank: int) -> None:
                 close(got, grad_or_zero(p_ref), f"{case}: grad of expert {e}")
 
 
-def test_sharded_block_equals_the_full_block():
-    run_two_ranks(_check_shard_block)
+def test_sharded_block_equals_the_full_block(two_ranks):
+    two_ranks("shard_block")
 
 
 # ---------------------------------------------------------------- DeepSpeed
@@ -271,9 +264,11 @@ def _check_deepspeed(rank: int) -> None:
         assert not hasattr(block.experts[0][0].weight, "allreduce")
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"}), lr=1.0)
-        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-                  "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+        param_groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"})
+        optimizer = torch.optim.SGD(param_groups, lr=1.0)
+        clip = 1.0 if stage == 2 else 0.0  # ZeRO 0 clips by the mean of the ranks' own norms (DeepSpeed's rule)
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         assert engine.has_moe_layers
         mine = slice(2 * rank, 2 * rank + 2)
@@ -281,10 +276,55 @@ def _check_deepspeed(rank: int) -> None:
             out = engine(hidden[mine])
         engine.backward((out * probe[mine]).sum())
         engine.step()
-        for name, p in model.named_parameters():  # SGD, lr 1: the step is minus the data-parallel mean gradient
-            expected = before[name] - reference_grads[name] / 2 if name in reference_grads else before[name]
+        mean_grads = {name: grad / 2 for name, grad in reference_grads.items()}  # data-parallel mean
+        norm = torch.sqrt(sum(g.square().sum() for g in mean_grads.values()))  # all experts, both ranks
+        scale = min(1.0, clip / (norm.item() + 1e-6)) if clip else 1.0
+        for name, p in model.named_parameters():  # SGD, lr 1: the step is minus the clipped mean gradient
+            expected = before[name] - scale * mean_grads[name] if name in mean_grads else before[name]
             close(p.detach(), expected, f"ZeRO {stage} rank {rank}: {name} after one step")
 
 
-def test_deepspeed_reduces_expert_gradients_over_the_expert_data_parallel_group():
-    run_two_ranks(_check_deepspeed)
+def test_deepspeed_reduces_expert_gradients_over_the_expert_data_parallel_group(two_ranks):
+    two_ranks("deepspeed")
+
+
+# ---------------------------------------------------------------- one 2-process gloo run for all the checks above
+
+CHECKS = {"forward_backward": _check_forward_backward, "shard_block": _check_shard_block, "deepspeed": _check_deepspeed}
+
+
+def _worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))  # a deadlock fails
+    try:
+        for name, check in CHECKS.items():
+            try:
+                check(rank)
+            except Exception:
+                results[name, rank] = traceback.format_exc()
+                raise  # the other rank may wait in a collective: spawn stops it
+            results[name, rank] = "ok"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """Runs every check once in two processes (starting them costs more than the checks); returns a function
+    that fails a test whose check failed on either rank, or did not run because an earlier one failed."""
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        try:
+            mp.spawn(_worker, args=(free_port(), shared), nprocs=2, join=True)
+        except ProcessException:
+            pass  # reported per check below
+        results = dict(shared)
+
+    def outcome(name: str) -> None:
+        for rank in (0, 1):
+            result = results.get((name, rank), "did not run (an earlier check failed or a process died)")
+            if result != "ok":
+                pytest.fail(f"rank {rank}: {result}", pytrace=False)
+
+    return outcome

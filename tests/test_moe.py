@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,10 +173,21 @@ def test_save_and_load_through_both_loaders(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
         ours = load_causal_lm(out)(ids).logits
-        remote_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-        remote = remote_model(ids).logits
-    assert not type(remote_model).__module__.startswith("pipeline")  # loaded from the checkpoint's own code
-    assert torch.equal(ours, expected) and torch.equal(remote, expected)
+    assert torch.equal(ours, expected)
+    # plain transformers in a fresh interpreter that never imports this package
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        "assert not any(name == 'pipeline' or name.startswith('pipeline.') for name in sys.modules), 'pipeline imported'\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        f"with torch.no_grad(): torch.save(m(ids).logits, {str(tmp_path / 'remote.pt')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "remote.pt"), expected)
 
 
 @pytest.mark.parametrize("experts", [[2, 2, 1], [2, 4, 1], [2, 3, 2]])
@@ -186,7 +200,7 @@ def test_checkpoint_that_disagrees_with_its_config_is_an_error(tmp_path, experts
     with pytest.raises(LayerMoEError, match="does not match its config"):
         load_causal_lm(out)
     with pytest.raises(ValueError, match="does not match its config"):
-        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        AutoModelForCausalLM.from_pretrained(out)  # the registered class (same code as the checkpoint's copy)
 
 
 def test_roles_partition_parameters_and_freeze_exactly():

@@ -50,7 +50,7 @@ allocate: {{method: reference, delta: 9, classifier_count: 2}}
 
 
 def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_path, capsys):
-    assert main(["run", str(run_config)]) == 0
+    assert main(["run", str(run_config), "--until", "upcycle"]) == 0
     g1 = tmp_path / "runs" / "t" / "g1"
     sim = json.loads((g1 / "analyze" / "similarity.json").read_text())
     assert sim["languages"] == {"old": ["en"], "new": ["el", "hu", "tr"]}
@@ -75,7 +75,7 @@ def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_
     assert "stopping before round 'g2'" in err  # round 2 needs round 1's trained model
 
     before = (g1 / "analyze" / "manifest.json").read_text()
-    assert main(["run", str(run_config)]) == 0
+    assert main(["run", str(run_config), "--until", "upcycle"]) == 0
     assert "g1/analyze: up to date" in capsys.readouterr().err
     assert (g1 / "analyze" / "manifest.json").read_text() == before
 
@@ -88,7 +88,7 @@ def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_
 
 def test_analyze_hooks_the_moe_block_of_an_expanded_model(run_config, tmp_path):
     """A freshly upcycled model has the dense model's FFN inputs, so its similarity is the dense one."""
-    assert main(["run", str(run_config)]) == 0
+    assert main(["run", str(run_config), "--until", "upcycle"]) == 0
     dense = load_causal_lm(tmp_path / "model")
     expanded = load_causal_lm(tmp_path / "runs" / "t" / "g1" / "upcycle" / "model")
     assert any(is_moe_block(layer.mlp) for layer in expanded.base.model.layers)
@@ -104,7 +104,7 @@ def test_analyze_hooks_the_moe_block_of_an_expanded_model(run_config, tmp_path):
 
 def test_failing_stage_leaves_nothing_partial(run_config, tmp_path):
     # an impossible budget fails inside allocate, after analyze succeeded
-    assert main(["run", str(run_config), "allocate.delta=2"]) == 2
+    assert main(["run", str(run_config), "--until", "upcycle", "allocate.delta=2"]) == 2
     g1 = tmp_path / "runs" / "t" / "g1"
     assert (g1 / "analyze" / "manifest.json").exists()
     assert not (g1 / "allocate").exists()

@@ -120,8 +120,14 @@ def write_config(root: Path, run_dir: Path, **train) -> Path:
     return path
 
 
-def run_cli(args: list[str], env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def clean_env() -> dict:
+    """This process's environment without launcher variables other tests may have left behind."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = clean_env()
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600, **kwargs)
 
@@ -194,7 +200,7 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
 
     killed = write_config(train_setup, tmp_path / "killed", **common)
     prepare(killed)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(killed), "--stage", "1"], cwd=ROOT,
                             env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
@@ -225,7 +231,7 @@ def test_two_processes_match_one(train_setup, tmp_path, ds_config):
     two = write_config(train_setup, tmp_path / "two", ds_config=ds_config,
                        stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1))
     prepare(two)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                            "127.0.0.1", "--master_port", str(free_port()), "stages/train.py", "--config", str(two),
                            "--stage", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
