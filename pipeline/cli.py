@@ -58,6 +58,12 @@ def _run(args: argparse.Namespace) -> None:
         run_pipeline(config, force=args.force, first=first, last=last)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from pipeline.report import compare_runs
+
+    print(compare_runs([Path(d) for d in args.run_dirs]))
+
+
 def _show_config(args: argparse.Namespace) -> None:
     from pipeline.config import to_dict
 
@@ -120,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("allocate", "similarity -> experts per layer and classifier layers -> allocation.json"),
                         ("upcycle", "round's input model + allocation -> expanded MoE model (HF directory)"),
                         ("train_stage1", "train new experts + routers on the new languages (DeepSpeed)"),
-                        ("train_stage2", "train routers + classifiers on new + replay text (DeepSpeed)")):
+                        ("train_stage2", "train routers + classifiers on new + replay text (DeepSpeed)"),
+                        ("evaluate", "perplexity, forgetting, routing, translation -> report.json / report.md")):
         p = sub.add_parser(stage, help=text)
         _add_config_args(p)
         p.add_argument("--round", help="only this round (by name); default: every round in order")
@@ -133,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", help="only this round (by name); default: every round in order")
     p.add_argument("--force", action="store_true", help="re-run even when up to date")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("compare", help="put the final reports of several runs side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("plan", help="total / activated parameters of an expansion, without loading weights")
     p.add_argument("--model", required=True, help="model directory or its config.json")

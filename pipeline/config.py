@@ -142,6 +142,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """What the evaluate stage measures (held-out perplexity, routing, translation, harness tasks)."""
+
+    tokens_per_language: int = 20_000  # held-out tokens scored per language
+    block_length: int = 512
+    batch_size: int = 4
+    include_stage1_models: bool = True  # also score each round's stage-1 model (shows what stage 2 changes)
+    translation_sentences: int = 8  # 0 disables the few-shot translation test
+    translation_shots: int = 2
+    translation_max_new_tokens: int = 48
+    parallel_file: str | None = None  # jsonl with {"en": ..., "<lang>": ...}; default: the built-in corpus's set
+    harness_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (needs local data)
+
+
+@dataclass
 class RunConfig:
     """A whole lifelong expansion run."""
 
@@ -157,6 +172,7 @@ class RunConfig:
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     # -- derived values ----------------------------------------------------------------------------------
     @property
@@ -368,6 +384,12 @@ def validate(config: RunConfig) -> RunConfig:
     _validate_allocate(config.allocate, "allocate")
     _require(config.upcycle.top_k >= 1, "upcycle.top_k", "must be >= 1")
     _require(config.upcycle.verify_tolerance > 0, "upcycle.verify_tolerance", "must be positive")
+    ev = config.evaluate
+    _require(ev.tokens_per_language >= ev.block_length >= 8, "evaluate.tokens_per_language",
+             "must be >= evaluate.block_length >= 8")
+    _require(ev.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
+    _require(ev.translation_sentences >= 0 and ev.translation_shots >= 0, "evaluate.translation_sentences",
+             "counts must be >= 0")
     t = config.train
     _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
     for name in ("stage1", "stage2"):

@@ -7,6 +7,7 @@ Layout of a run directory::
     runs/<name>/<round>/upcycle/   model/ (expanded HF directory), manifest.json
     runs/<name>/<round>/train_stage1/, train_stage2/   model/, routing_stats.json, manifest.json
     runs/<name>/<round>/train_stage1.checkpoints/, ...  DeepSpeed checkpoints (resume after an interruption)
+    runs/<name>/<round>/evaluate/  report.json, report.md, *.png, manifest.json
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipeline.plots import plot_allocation, plot_similarity
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
-STAGES = ("analyze", "allocate", "upcycle", "train_stage1", "train_stage2")
+STAGES = ("analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate")
 
 
 class RoundNotReady(LayerMoEError):
@@ -233,10 +234,70 @@ def run_train(config: RunConfig, round_index: int, stage: int, force: bool = Fal
     return run_stage(spec, body, force)
 
 
+def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """evaluate: the base model and every model of the run up to this round, on every language so far."""
+    from pipeline.evaluate import EvalModel, evaluate_models
+    from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
+
+    rnd = config.rounds[round_index]
+    models = [EvalModel("base", round_input_model(config, 0))]
+    for q in range(round_index + 1):
+        name = config.rounds[q].name
+        if config.evaluate.include_stage1_models:
+            models.append(EvalModel(f"{name}/stage1", stage_dir(config, q, "train_stage1") / "model"))
+        models.append(EvalModel(name, trained_model_dir(config, q)))
+    languages = config.languages_before(round_index + 1)
+    new_languages = [l for l in languages if l not in config.old_languages]
+    sources = {lang: resolve_source(config, lang) for lang in languages}
+    spec = StageSpec(stage="evaluate", round_name=rnd.name, out_dir=stage_dir(config, round_index, "evaluate"),
+                     config_slice={"evaluate": to_dict(config.evaluate), "languages": languages,
+                                   "models": [m.label for m in models]},
+                     inputs={**{f"model:{m.label}": m.path for m in models},
+                             **{f"corpus:{lang}": s.path for lang, s in sources.items()}})
+
+    def body(out: Path | None) -> dict:
+        translate = {"base"} | {config.rounds[q].name for q in range(round_index + 1)}
+        report = evaluate_models(config, models, languages, new_languages, translate)
+        report.update(run=config.name, round=rnd.name, parameters=_parameters(models))
+        if out is not None:
+            figures = ["perplexity.png"]
+            plot_perplexity(report, out / "perplexity.png")
+            for label, routing in report["routing"].items():
+                name = f"routing_{label.replace('/', '_')}.png"
+                plot_routing_heatmap(routing, f"{label}: expert load per language", out / name)
+                figures.append(name)
+            for q in range(round_index + 1):
+                for stage, png in (("analyze", "similarity.png"), ("allocate", "allocation.png")):
+                    source = stage_dir(config, q, stage) / png
+                    if source.exists():
+                        target = f"{config.rounds[q].name}_{png}"
+                        shutil.copyfile(source, out / target)
+                        figures.append(target)
+            write_json(out / "report.json", report)
+            write_report_md(report, out / "report.md", figures)
+        log.info("perplexity, base vs final model:\n" + short_table(report))
+        return {"group_average": report["group_average"]}
+
+    return run_stage(spec, body, force)
+
+
+def _parameters(models) -> dict[str, int]:
+    """Total parameters of each model, from its config (no weights loaded)."""
+    from pipeline.plan import load_model_config, plan
+
+    counts = {}
+    for m in models:
+        cfg = read_model_config(m.path)
+        experts = cfg.get("experts_per_layer") or [1] * load_model_config(m.path)["num_hidden_layers"]
+        counts[m.label] = plan(load_model_config(m.path), experts, cfg.get("classifier_layers", [])).total
+    return counts
+
+
 STAGE_FUNCTIONS = {
     "analyze": run_analyze, "allocate": run_allocate, "upcycle": run_upcycle,
     "train_stage1": lambda config, r, force=False: run_train(config, r, 1, force),
     "train_stage2": lambda config, r, force=False: run_train(config, r, 2, force),
+    "evaluate": run_evaluate,
 }
 
 
@@ -267,4 +328,10 @@ def run_pipeline(config: RunConfig, force: bool = False, first: str | None = Non
     for r in ready_rounds(config):
         for stage in selected:
             STAGE_FUNCTIONS[stage](config, r, force)
+    report = stage_dir(config, len(config.rounds) - 1, "evaluate") / "report.md"
+    if report.exists() and "evaluate" in selected:
+        from pipeline.report import short_table
+
+        summary = json.loads(report.with_name("report.json").read_text())
+        print(f"\nReport: {report}\n\n{short_table(summary)}", flush=True)
     log.info(f"run complete: {config.run_path}")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import traceback
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -19,7 +17,6 @@ from torch.multiprocessing.spawn import ProcessException
 from conftest import free_port
 from pipeline.expert_parallel import (DeepSpeedMoEMarker, ExpertPlacement, RemoteExpert, expert_parallel_forward,
                                       expert_parallel_group, mark_expert_parameters, shard_block)
-from pipeline.hf_modeling import modeling_layermoe
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock
 
 HIDDEN, FFN = 8, 16
@@ -183,18 +180,6 @@ def make_block(num_experts: int, classifier: bool) -> LayerMoEBlock:
     return block
 
 
-@contextlib.contextmanager
-def dispatch_through(block: LayerMoEBlock) -> Iterator[None]:
-    """Until ``LayerMoEBlock.forward`` calls ``self.dispatch`` (then this patch goes unused), route its
-    ``grouped_expert_forward`` call there."""
-    original = modeling_layermoe.grouped_expert_forward
-    modeling_layermoe.grouped_expert_forward = lambda x, experts, routing: block.dispatch(x, routing)
-    try:
-        yield
-    finally:
-        modeling_layermoe.grouped_expert_forward = original
-
-
 def _check_shard_block(rank: int) -> None:
     for num_experts, classifier in ((2, False), (3, False), (4, True), (6, False)):
         case = f"E={num_experts} classifier={classifier} rank {rank}"
@@ -213,8 +198,7 @@ def _check_shard_block(rank: int) -> None:
             {str(e) for e in placement.local_experts(rank)}, case
         mine = slice(2 * rank, 2 * rank + 2)
         x = hidden[mine].clone().requires_grad_()
-        with dispatch_through(block):
-            y = block(x)
+        y = block(x)
         close(y, reference_block(hidden)[mine].detach(), f"{case}: output")
         (y * probe[mine]).sum().backward()
         close(x.grad, hidden_ref.grad[mine], f"{case}: grad of the input")
@@ -268,12 +252,12 @@ def _check_deepspeed(rank: int) -> None:
         optimizer = torch.optim.SGD(param_groups, lr=1.0)
         clip = 1.0 if stage == 2 else 0.0  # ZeRO 0 clips by the mean of the ranks' own norms (DeepSpeed's rule)
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
-                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         assert engine.has_moe_layers
         mine = slice(2 * rank, 2 * rank + 2)
-        with dispatch_through(block):
-            out = engine(hidden[mine])
+        out = engine(hidden[mine])
         engine.backward((out * probe[mine]).sum())
         engine.step()
         mean_grads = {name: grad / 2 for name, grad in reference_grads.items()}  # data-parallel mean

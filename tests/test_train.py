@@ -15,7 +15,7 @@ import torch
 
 from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
-from pipeline.hf_modeling.modeling_layermoe import RoutingRecord, moe_blocks
+from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
 from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
 from pipeline.upcycle import parameter_roles
 
@@ -112,6 +112,7 @@ def write_config(root: Path, run_dir: Path, **train) -> Path:
         "model": {"path": str(root / "dense")},
         "data": {"builtin_corpus": "none", "sources": {l: {"path": str(root / f"{l}.jsonl")} for l in ("en", "el", "hu")}},
         "analyze": {"tokens_per_language": 300, "max_length": 48},
+        "evaluate": {"tokens_per_language": 960, "block_length": 48, "translation_sentences": 0},
         "allocate": {"method": "explicit", "explicit": [3, 2], "classifier_layers": [0, 1]},
         "train": {"stats_every": 10, "stage1": stage1, "stage2": stage2, **train},
     }
@@ -170,7 +171,6 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     s1_roles, s2_roles = dict(parameter_roles(stage1)), dict(parameter_roles(stage2))
     for role in ("original", "experts_round1"):
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(s1_roles[role], s2_roles[role]))
-    stats1 = json.loads((g1 / "train_stage1" / "routing_stats.json").read_text())
     stats2 = json.loads((g1 / "train_stage2" / "routing_stats.json").read_text())
     share = lambda s: sum(v["original_top1_expert0"] for v in s["layers"].values()) / len(s["layers"])
     accuracy = lambda s: sum(v["classifier_accuracy"] for v in s["layers"].values() if v["classifier_accuracy"] is not None) / 2
@@ -183,7 +183,22 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
 
     # the whole run is up to date now
     again = run_cli(["run", str(config)])
-    assert again.returncode == 0 and again.stderr.count("up to date") == 5
+    assert again.returncode == 0 and again.stderr.count("up to date") == 6
+
+    # the report: perplexity of every model on every language, forgetting, routing, figures
+    report = json.loads((g1 / "evaluate" / "report.json").read_text())
+    assert list(report["perplexity"]) == ["base", "g1/stage1", "g1"]
+    assert report["perplexity"]["g1"]["el"] < report["perplexity"]["base"]["el"]
+    assert set(report["forgetting_percent"]["g1"]) == {"en"}
+    assert set(report["routing"]["g1"]) == {"en", "el", "hu"}
+    assert report["experts"]["g1"]["new_experts"] == 3
+    assert report["parameters"]["g1"] > report["parameters"]["base"]
+    md = (g1 / "evaluate" / "report.md").read_text()
+    assert "| g1 |" in md and "perplexity.png" in md
+    assert (g1 / "evaluate" / "routing_g1.png").stat().st_size > 1000
+    assert "Report:" in proc.stdout and "new experts in total" in proc.stdout
+    compare = run_cli(["compare", str(run_dir)])
+    assert compare.returncode == 0 and "| run | g1 | 3 |" in compare.stdout
 
 
 def state(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -115,6 +115,10 @@ class LayerMoEBlock(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def dispatch(self, x: torch.Tensor, routing: RouteResult) -> torch.Tensor:
+        """Run the experts on the routed rows (``pipeline.expert_parallel.shard_block`` replaces this per block)."""
+        return grouped_expert_forward(x, self.experts, routing)
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 router logits ``[N, E]`` for flattened inputs ``[N, h]``."""
         return F.linear(x.float(), self.router.weight.float())
@@ -143,7 +147,7 @@ class LayerMoEBlock(nn.Module):
             classifier_logits = F.linear(pooled, self.classifier.weight.float())
             to_original = classifier_logits.argmax(dim=-1) == OLD
         routing = route(router_logits, self.top_k, to_original, valid.reshape(-1))
-        y = grouped_expert_forward(x, self.experts, routing)
+        y = self.dispatch(x, routing)
         self.last_routing = RoutingRecord(router_logits, routing.router_indices, routing.router_weights,
                                           valid.reshape(-1), classifier_logits, to_original)
         return y.reshape(batch, seq, hidden)

@@ -1,0 +1,185 @@
+"""evaluate stage: per-language perplexity, forgetting, routing behaviour and translation for the base model
+and every expanded model of the run so far; report.json, report.md and plots.
+
+All models are scored on the same held-out blocks (the models share the base tokenizer), so perplexities are
+directly comparable. Group averages follow the paper: old = the base model's languages, new = every language
+added by an expansion round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import log
+from pipeline.base_model import load_causal_lm
+from pipeline.config import RunConfig
+from pipeline.corpus import language_documents
+from pipeline.errors import LayerMoEError
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
+from pipeline.losses import next_token_loss
+from pipeline.packing import load_tokenizer, pack_documents
+from pipeline.routing_stats import RoutingStats
+
+
+@dataclass
+class EvalModel:
+    label: str
+    path: Path
+
+
+def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
+    """Per language, up to ``evaluate.tokens_per_language`` held-out tokens in blocks ``[n, block_length]``."""
+    e = config.evaluate
+    blocks = {}
+    for lang in languages:
+        docs = ((0, text) for text in language_documents(config, lang, "heldout"))
+        try:
+            packed = pack_documents(docs, tokenizer, e.block_length, [lang], max(1, e.tokens_per_language // e.block_length))
+        except LayerMoEError:
+            raise LayerMoEError(f"evaluate: language {lang!r} has less held-out text than one block of {e.block_length} "
+                                f"tokens; lower evaluate.block_length or raise data.heldout_fraction") from None
+        blocks[lang] = packed.input_ids
+    return blocks
+
+
+@torch.no_grad()
+def score_model(model: torch.nn.Module, blocks: dict[str, torch.Tensor], original: set[str], batch_size: int,
+                label: str) -> tuple[dict[str, float], dict[str, dict]]:
+    """Perplexity per language and, for an expanded model, routing statistics per language."""
+    ppl, routing = {}, {}
+    expanded = isinstance(model, LayerMoEForCausalLM)
+    for lang, ids in blocks.items():
+        total, count = 0.0, 0
+        stats = RoutingStats()
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            total += next_token_loss(logits, batch).item() * n
+            count += n
+            if expanded:
+                records = {i: b.last_routing for i, b in moe_blocks(model).items()}
+                stats.add(records, torch.full((batch.numel(),), lang in original))
+        ppl[lang] = math.exp(total / count)
+        if expanded:
+            routing[lang] = stats.summary()
+        log.info(f"evaluate {label}: {lang} perplexity {ppl[lang]:.2f} over {count:,} tokens")
+    return ppl, routing
+
+
+def translation_pairs(config: RunConfig, target: str, count: int, shots: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(few-shot examples, test pairs) of (English, target) sentences from the parallel evaluation set."""
+    path = Path(config.evaluate.parallel_file) if config.evaluate.parallel_file else _builtin_parallel(config)
+    if path is None or not path.is_file():
+        return [], []
+    pairs = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            src, ref = row.get("en"), row.get(target)
+            if src and ref and 20 <= len(src) <= 160 and "\n" not in src + ref:
+                pairs.append((src, ref))
+            if len(pairs) >= shots + count:
+                break
+    return pairs[:shots], pairs[shots:shots + count]
+
+
+def _builtin_parallel(config: RunConfig) -> Path | None:
+    if config.data.builtin_corpus != "libreoffice":
+        return None
+    from pipeline.corpus import _builtin_corpus
+
+    builtin = tuple(lang for lang in config.all_languages() if lang not in config.data.sources)
+    return _builtin_corpus(builtin, config.cache_path).parallel_path
+
+
+@torch.no_grad()
+def translate_chrf(model: torch.nn.Module, tokenizer, examples: list[tuple[str, str]], tests: list[tuple[str, str]],
+                   target_name: str, max_new_tokens: int) -> dict:
+    """Few-shot English -> target greedy translation, scored with corpus chrF (sacrebleu)."""
+    import sacrebleu
+
+    prefix = "".join(f"English: {s}\n{target_name}: {t}\n\n" for s, t in examples)
+    hypotheses = []
+    for source, _ in tests:
+        ids = tokenizer(f"{prefix}English: {source}\n{target_name}:", return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        hypotheses.append(text.split("\n")[0].strip())
+    score = sacrebleu.corpus_chrf(hypotheses, [[ref for _, ref in tests]]).score
+    return {"chrf": score, "sentences": len(tests), "examples": [
+        {"source": s, "reference": r, "hypothesis": h} for (s, r), h in list(zip(tests, hypotheses))[:3]]}
+
+
+def run_harness(model_path: Path, tasks: list[str]) -> dict:
+    """lm-evaluation-harness on local task data, when installed; otherwise a clear 'skipped' entry."""
+    if not tasks:
+        return {}
+    try:
+        import lm_eval
+    except ImportError:
+        message = "lm-evaluation-harness is not installed (pip install lm-eval); harness tasks skipped"
+        log.warn(message)
+        return {"skipped": message}
+    try:
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path},trust_remote_code=True",
+                                          tasks=tasks, batch_size=1)
+        return {task: values for task, values in results["results"].items()}
+    except Exception as e:  # most often: task data not available offline
+        message = f"harness tasks {tasks} skipped: {type(e).__name__}: {e}"
+        log.warn(message)
+        return {"skipped": message}
+
+
+LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "zh": "Chinese", "el": "Greek", "hu": "Hungarian", "tr": "Turkish",
+                  "hi": "Hindi", "bn": "Bengali", "ne": "Nepali", "de": "German", "fr": "French", "ru": "Russian",
+                  "ja": "Japanese", "ko": "Korean", "vi": "Vietnamese", "ar": "Arabic"}
+
+
+def evaluate_models(config: RunConfig, models: list[EvalModel], languages: list[str], new_languages: list[str],
+                    translate_labels: set[str]) -> dict:
+    """Score every model; return the report dict (perplexity, group averages, forgetting, routing, translation)."""
+    e = config.evaluate
+    tokenizer = load_tokenizer(models[0].path)
+    blocks = heldout_blocks(config, languages, tokenizer)
+    original = set(config.old_languages)
+    report: dict = {"languages": {"old": [l for l in languages if l in original],
+                                  "new": [l for l in languages if l not in original]},
+                    "perplexity": {}, "routing": {}, "translation": {}, "harness": {}, "experts": {}}
+    for m in models:
+        started = time.perf_counter()
+        model = load_causal_lm(m.path)
+        ppl, routing = score_model(model, blocks, original, e.batch_size, m.label)
+        report["perplexity"][m.label] = ppl
+        if routing:
+            report["routing"][m.label] = routing
+            report["experts"][m.label] = {"experts_per_layer": model.config.experts_per_layer,
+                                          "classifier_layers": model.config.classifier_layers,
+                                          "new_experts": sum(n - 1 for n in model.config.experts_per_layer)}
+        if m.label in translate_labels and e.translation_sentences > 0:
+            report["translation"][m.label] = {}
+            for lang in new_languages:
+                examples, tests = translation_pairs(config, lang, e.translation_sentences, e.translation_shots)
+                if tests:
+                    report["translation"][m.label][lang] = translate_chrf(
+                        model, tokenizer, examples, tests, LANGUAGE_NAMES.get(lang, lang), e.translation_max_new_tokens)
+                    log.info(f"evaluate {m.label}: en->{lang} chrF {report['translation'][m.label][lang]['chrf']:.1f}")
+        report["harness"][m.label] = run_harness(m.path, e.harness_tasks)
+        log.info(f"evaluate {m.label}: done in {time.perf_counter() - started:.0f}s")
+    base = report["perplexity"][models[0].label]
+    report["group_average"] = {label: {group: _mean([p[l] for l in report["languages"][group]])
+                                       for group in ("old", "new")} for label, p in report["perplexity"].items()}
+    report["forgetting_percent"] = {label: {l: 100 * (p[l] - base[l]) / base[l] for l in report["languages"]["old"]}
+                                    for label, p in report["perplexity"].items() if label != models[0].label}
+    return report
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

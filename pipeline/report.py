@@ -1,0 +1,141 @@
+"""Human-readable reports: report.md with tables, plots, the short table printed at the end of a run, and
+``compare`` across runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.atomic import write_text
+from pipeline.errors import LayerMoEError
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def perplexity_table(report: dict) -> list[str]:
+    """Markdown rows: one per model, one column per language, then the old/new averages."""
+    languages = report["languages"]["old"] + report["languages"]["new"]
+    rows = ["| model | " + " | ".join(languages) + " | old avg | new avg |",
+            "|---|" + "---:|" * (len(languages) + 2)]
+    for label, ppl in report["perplexity"].items():
+        avg = report["group_average"][label]
+        rows.append(f"| {label} | " + " | ".join(_fmt(ppl[l]) for l in languages)
+                    + f" | {_fmt(avg['old'])} | {_fmt(avg['new'])} |")
+    return rows
+
+
+def short_table(report: dict) -> str:
+    """The table printed at the end of a run: perplexity base vs final model, and the experts added."""
+    labels = list(report["perplexity"])
+    base, final = labels[0], labels[-1]
+    lines = [f"{'lang':<6}{'group':<6}{base:>12}{final:>12}{'change':>9}"]
+    for group in ("old", "new"):
+        for lang in report["languages"][group]:
+            b, f = report["perplexity"][base][lang], report["perplexity"][final][lang]
+            lines.append(f"{lang:<6}{group:<6}{b:>12.2f}{f:>12.2f}{100 * (f - b) / b:>8.1f}%")
+    for label, experts in report["experts"].items():
+        if "/" not in label:
+            lines.append(f"{label}: {experts['new_experts']} new experts in total, per layer {experts['experts_per_layer']}")
+    return "\n".join(lines)
+
+
+def write_report_md(report: dict, out: Path, figures: list[str]) -> None:
+    """report.md: perplexity, forgetting, routing, translation, and the figures."""
+    lines = [f"# LayerMoE report: {report['run']} (round {report['round']})", "",
+             f"Old languages: {', '.join(report['languages']['old'])}; new: {', '.join(report['languages']['new'])}.", "",
+             "## Perplexity on held-out text (lower is better)", "", *perplexity_table(report), "",
+             "## Forgetting: old-language perplexity change vs the base model", ""]
+    for label, change in report["forgetting_percent"].items():
+        lines.append(f"* {label}: " + ", ".join(f"{l} {v:+.2f}%" for l, v in change.items()))
+    lines += ["", "## Experts", ""]
+    for label, e in report["experts"].items():
+        lines.append(f"* {label}: {e['new_experts']} new experts; per layer {e['experts_per_layer']}; "
+                     f"classifiers in layers {e['classifier_layers']}")
+    lines += ["", "## Routing (per layer: share of old-language tokens whose top-1 is expert 0; classifier accuracy)", ""]
+    for label, per_lang in report["routing"].items():
+        lines.append(f"### {label}")
+        lines.append("")
+        lines.append("| language | " + " | ".join(f"L{i}" for i in next(iter(per_lang.values()))) + " | classifier acc |")
+        lines.append("|---|" + "---:|" * (len(next(iter(per_lang.values()))) + 1))
+        for lang, layers in per_lang.items():
+            share = [layers[i]["original_top1_expert0"] for i in layers]
+            accuracy = [v["classifier_accuracy"] for v in layers.values() if v["classifier_accuracy"] is not None]
+            acc = sum(accuracy) / len(accuracy) if accuracy else None
+            lines.append(f"| {lang} | " + " | ".join(_fmt(s) for s in share) + f" | {_fmt(acc)} |")
+        lines.append("")
+    if any(report["translation"].values()):
+        lines += ["## Translation (few-shot en -> X, chrF)", ""]
+        for label, langs in report["translation"].items():
+            lines.append(f"* {label}: " + ", ".join(f"{l} {v['chrf']:.1f} ({v['sentences']} sentences)" for l, v in langs.items()))
+        lines.append("")
+    skipped = {label: h["skipped"] for label, h in report["harness"].items() if "skipped" in h}
+    if skipped:
+        lines += ["## lm-evaluation-harness", "", *(f"* {label}: {msg}" for label, msg in skipped.items()), ""]
+    lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures), ""]
+    write_text(out, "\n".join(lines))
+
+
+def plot_perplexity(report: dict, path: Path) -> None:
+    """Old/new average perplexity per model."""
+    from pipeline.plots import _figure, _save
+
+    plt = _figure()
+    labels = list(report["group_average"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 3.5))
+    width = 0.38
+    for offset, group in ((-width / 2, "old"), (width / 2, "new")):
+        values = [report["group_average"][l][group] or 0 for l in labels]
+        ax.bar([i + offset for i in range(len(labels))], values, width, label=f"{group} languages")
+    ax.set_xticks(range(len(labels)), labels, rotation=20)
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_routing_heatmap(routing: dict, title: str, path: Path) -> None:
+    """Expert load per language: rows = languages, columns = (layer, expert) share of that layer's slots."""
+    from pipeline.plots import _figure, _save
+
+    plt = _figure()
+    langs = list(routing)
+    layers = sorted(routing[langs[0]], key=int)
+    columns, matrix = [], []
+    for lang in langs:
+        row = []
+        for layer in layers:
+            load = routing[lang][layer]["load"]
+            total = sum(load) or 1
+            row += [v / total for v in load]
+        matrix.append(row)
+    for layer in layers:
+        columns += [f"{layer}.{e}" for e in range(len(routing[langs[0]][layer]["load"]))]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(columns)), 0.5 * len(langs) + 1.5))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(langs)), langs)
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=5)
+    ax.set_xlabel("layer.expert (share of the layer's routed slots)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """A side-by-side table of several runs' final reports (e.g. LayerMoE vs uniform MoE-LPR vs dense)."""
+    rows = ["| run | model | new experts | total params | old ppl | new ppl |", "|---|---|---:|---:|---:|---:|"]
+    for run_dir in run_dirs:
+        reports = sorted(Path(run_dir).glob("*/evaluate/report.json"), key=lambda p: p.stat().st_mtime)
+        if not reports:
+            raise LayerMoEError(f"{run_dir}: no evaluate/report.json found (has the run finished?)")
+        report = json.loads(reports[-1].read_text())
+        for label, avg in report["group_average"].items():
+            experts = report["experts"].get(label, {})
+            params = report.get("parameters", {}).get(label)
+            rows.append(f"| {Path(run_dir).name} | {label} | {experts.get('new_experts', 0)} | "
+                        f"{'-' if params is None else f'{params / 1e6:,.1f}M'} | {_fmt(avg['old'])} | {_fmt(avg['new'])} |")
+    return "\n".join(rows)
