@@ -7,10 +7,11 @@ does not run every expert on every token).
 All four use the same router and expert weights and top-2 routing (DeepSpeed's second-expert sampling noise is
 off, ``top2_2nd_expert_sampling=False``), all parameters trainable, fp32. Printed per configuration: forward and
 backward time of the fastest run, total time relative to ours, the largest output difference from ours, and for
-DeepSpeed's default the share of routes its capacity dropped.
+DeepSpeed's default the share of routes its capacity dropped. ``--routing skewed`` sends nearly every token's
+first choice to expert 0 (as after stage 2), where DeepSpeed's dropless layer pads every expert to the busiest one.
 
     python benchmarks/moe_block_cpu.py          # SmolLM2 (E = 2, 3, 5; 4x256 tokens), Qwen1.5-1.8B (E = 6; 256)
-    python benchmarks/moe_block_cpu.py --shapes smollm2 --repeats 3
+    python benchmarks/moe_block_cpu.py --shapes smollm2 --repeats 3 --threads 1 --routing skewed
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ def dropped_share(block: LayerMoEBlock, x: torch.Tensor) -> float:
     return float((counts - capacity).clamp(min=0).sum()) / (block.top_k * x.shape[0])
 
 
+def skew_to_original(block: LayerMoEBlock, x: torch.Tensor, g: torch.Generator, margin: float = 8.0) -> None:
+    """Make expert 0 (nearly) every token's first choice, as stage 2's LPR loss does for old-language tokens: add
+    one shared direction to the inputs (in place) and raise router row 0's logit along it by ``margin``."""
+    shared = torch.randn(x.shape[-1], generator=g)
+    x += shared
+    with torch.no_grad():
+        block.router.weight[0] += margin * shared / shared.square().sum()
+
+
 def timed(methods: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]], x: torch.Tensor, grad: torch.Tensor,
           repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, tuple[float, float, torch.Tensor]]:
     """Per method: forward and backward seconds of its fastest run, and its output. The methods take turns (one
@@ -142,11 +152,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (after a warm-up run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--routing", choices=["balanced", "skewed"], default="balanced",
+                        help="random routing, or expert 0 first for nearly every token (after LPR training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_deepspeed()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, top-{TOP_K}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, top-{TOP_K}, {args.routing} routing, "
           f"times in ms (fastest of {args.repeats} runs)")
     header = ROW.format("shape", "E", "tokens", "method", "forward", "backward", "total", "vs ours", "max |diff|")
     print(header)
@@ -156,8 +168,11 @@ def main() -> None:
         for experts in shape.experts:
             block = make_block(shape.hidden, shape.ffn, experts)
             g = torch.Generator().manual_seed(1)
-            x = torch.randn(shape.batch, shape.seq, shape.hidden, generator=g).requires_grad_()
+            x = torch.randn(shape.batch, shape.seq, shape.hidden, generator=g)
             grad = torch.randn(x.shape, generator=g)
+            if args.routing == "skewed":
+                skew_to_original(block, x, g)
+            x.requires_grad_()
             share = dropped_share(block, x.detach())
             methods = [("ours", block), ("per-expert loop (MoE-LPR)", per_expert_loop(block)),
                        ("DeepSpeed dropless", deepspeed_moe(block, drop_tokens=False)),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from pipeline.launch import discover_ranks, use_local_device
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,13 @@ def current() -> DistInfo:
 
 @contextlib.contextmanager
 def distributed_from_env() -> Iterator[DistInfo]:
-    """Initialise a process group when launched with WORLD_SIZE > 1 (torchrun / deepspeed set it), and on exit
-    destroy any process group created inside (here or by a stage). One that already existed is left alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Initialise a process group when started in several processes (torchrun, deepspeed, mpirun, srun: see
+    ``pipeline.launch``), and on exit destroy any process group created inside (here or by a stage). One that
+    already existed is left alone."""
+    ranks = discover_ranks()
     existed = dist.is_initialized()
-    if world > 1 and not existed:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if ranks.world_size > 1 and not existed:
+        use_local_device(ranks)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     try:

@@ -5,7 +5,7 @@ Shapes: every routing record is over the flattened ``batch * seq`` tokens of one
 
 * load balance, per MoE layer with its own E_i: ``E_i * sum_e f_e * P_e``; f_e = share of routed slots that chose
   e, P_e = mean router probability of e, over valid tokens the classifier did not send to expert 0. It equals 1
-  at perfect balance whatever E_i is, so layers are comparable; the loss is the mean over MoE layers.
+  when routing is uniform whatever E_i is, so layers are comparable; the loss is the mean over MoE layers.
   (The public MoE-LPR code's variant is k times this.)
 * LPR (language prior): over original-language tokens, ``-log p_0`` (paper, default) or the reference's
   cross-entropy applied to probabilities (``double_softmax``); mean over those tokens and over MoE layers.
@@ -32,7 +32,7 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.
 
 
 def load_balance(record: RoutingRecord) -> torch.Tensor:
-    """``E * sum_e f_e P_e`` for one layer (1.0 at perfect balance)."""
+    """``E * sum_e f_e P_e`` for one layer (1.0 for uniform routing)."""
     probs = torch.softmax(record.router_logits.float(), dim=-1)
     routed = record.valid if record.sent_to_original is None else record.valid & ~record.sent_to_original
     num_experts = probs.shape[-1]

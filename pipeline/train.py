@@ -78,14 +78,12 @@ def init_deepspeed_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed, also for a plain single-process run."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # not started by a launcher: a world of one
-        import socket
+    from pipeline.launch import LOOPBACK, discover_ranks, free_port, use_local_device
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    ranks = discover_ranks()  # torchrun / deepspeed / mpirun / srun
+    if ranks.launcher == "none":  # a plain single process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=LOOPBACK, MASTER_PORT=str(free_port()))
+    use_local_device(ranks)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 

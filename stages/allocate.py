@@ -1,8 +1,11 @@
-"""Entry point of the allocate stage: `python stages/allocate.py --config C [KEY=VALUE ...]` (also under torchrun)."""
+"""Entry point of the allocate stage: `python stages/allocate.py --config C [--round R] [--force] [KEY=VALUE ...]`.
+
+Also under torchrun, `deepspeed`, `mpirun` and `srun` (see pipeline/launch.py)."""
 
 import sys
 
 from pipeline.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["allocate", *sys.argv[1:]]))
+    # the deepspeed launcher appends --local_rank=N; the rank comes from the environment instead
+    sys.exit(main(["allocate", *[a for a in sys.argv[1:] if not a.startswith("--local_rank")]]))

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# LayerMoE lifelong expansion on Slurm: every stage of every round, on one or more nodes.
+#
+#   sbatch slurm/expand.sh CONFIG [KEY=VALUE ...]                         # submit from the repository root
+#   sbatch --nodes=2 --gpus-per-node=8 slurm/expand.sh configs/qwen15_1.8b_lifelong.yaml
+#   sbatch --export=ALL,LAYERMOE_PROCS_PER_NODE=2 slurm/expand.sh my.yaml   # CPU nodes: 2 processes per node
+#
+# How it runs. Stages run in order, round after round (round r+1 starts from round r's trained model).
+# The data-parallel stages (analyze, train_stage1, train_stage2) are one Slurm step each: one task per node
+# starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID --num_nodes $SLURM_NNODES), which
+# starts one process per GPU of the node (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES), or on CPU-only nodes
+# LAYERMOE_PROCS_PER_NODE processes (default 1); rank 0 is on the first node of the job. The other stages
+# (allocate, upcycle, evaluate) run once, in this script, on the first node. Each stage is a separate step
+# rather than one `layermoe run`, because only srun can put a launcher on every node, and so that every stage
+# gets its own log and exit status.
+#
+# Resuming: resubmit the same command. Stages whose settings and inputs are unchanged are skipped by the
+# pipeline itself; an interrupted training stage continues from its last DeepSpeed checkpoint.
+# Failure: the job stops at the first failing stage, prints the end of its log and exits with its status
+# (2 = a problem with the config or inputs, named in the log). A config that needs GPUs (a bf16/fp16
+# train.ds_config, model.device cuda) on a node without any fails before anything is written.
+# Logs: the job log (%x-%j.out in the submit directory) says which stage runs; each stage writes
+# <run_dir>/logs/slurm-<job id>/<round>.<stage>.log.
+# Environment: LAYERMOE_PYTHON (default: .venv/bin/python in the submit directory), LAYERMOE_PROCS_PER_NODE,
+# MASTER_PORT (first rendezvous port; default derived from the job id; each multi-process stage uses the next).
+#
+# The #SBATCH lines are defaults: override any of them on the sbatch command line.
+#SBATCH --job-name=layermoe-expand
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=%x-%j.out
+## On GPU nodes, e.g.:  #SBATCH --gpus-per-node=8   #SBATCH --cpus-per-task=64   #SBATCH --time=2-00:00:00
+set -euo pipefail
+
+if [ $# -lt 1 ] || [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "usage: sbatch slurm/expand.sh CONFIG [KEY=VALUE ...]" >&2
+  exit 2
+fi
+CONFIG=$1
+shift  # "$@" = the overrides, passed to every stage
+PY=${LAYERMOE_PYTHON:-$PWD/.venv/bin/python}
+[ -x "$PY" ] || { echo "[expand] no Python at $PY: submit from the repository root or set LAYERMOE_PYTHON" >&2; exit 2; }
+
+say() { echo "[expand $(date +%T)] $*"; }
+
+# The config checked against this node (nothing written when it fails): run directory, rounds, stages, processes.
+plan=$("$PY" -m pipeline.launch preflight "$CONFIG" "$@")
+get() { sed -n "s/^$1=//p" <<<"$plan"; }
+RUN_DIR=$(get run_dir)
+ROUNDS=$(get rounds)
+STAGES=$(get stages)
+MULTI_PROCESS=" $(get multi_process_stages) "
+GPUS=$(get gpus_per_node)
+PROCS=$(get processes_per_node)
+[ "$GPUS" -gt 0 ] || export DS_ACCELERATOR=cpu
+[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun >= 22.05 no longer inherits it
+
+NODES=${SLURM_NNODES:-1}
+mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+if [ "$NODES" -eq 1 ]; then HEAD=127.0.0.1; else HEAD=${HOSTS[0]}; fi  # one node stays on loopback
+PORT_BASE=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 400 * 30))}
+
+LOG_DIR="$RUN_DIR/logs/slurm-$SLURM_JOB_ID"
+mkdir -p "$LOG_DIR"
+HOSTFILE="$LOG_DIR/hostfile"  # node order = SLURM_NODEID order
+printf '%s slots='"$PROCS"'\n' "${HOSTS[@]}" >"$HOSTFILE"
+say "job $SLURM_JOB_ID: $CONFIG${*:+ $*} | rounds: $ROUNDS | $NODES node(s) x $PROCS process(es), $GPUS GPU(s) per node | head $HEAD | logs $LOG_DIR"
+
+launched=0
+for round in $ROUNDS; do
+  for stage in $STAGES; do
+    log="$LOG_DIR/$round.$stage.log"
+    if [[ "$MULTI_PROCESS" == *" $stage "* ]]; then
+      port=$((PORT_BASE + launched % 30))
+      launched=$((launched + 1))
+      command=(srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+               "$PY" -m pipeline.launch stage "$stage" --config "$CONFIG" --round "$round"
+               --processes-per-node "$PROCS" --nodes "$NODES" --master-addr "$HEAD" --master-port "$port"
+               --hostfile "$HOSTFILE" "$@")
+    else
+      command=("$PY" -m pipeline.cli "$stage" --config "$CONFIG" --round "$round" "$@")
+    fi
+    say "$round/$stage: started ($log)"
+    status=0
+    "${command[@]}" >"$log" 2>&1 || status=$?
+    if [ "$status" -ne 0 ]; then
+      say "$round/$stage: FAILED with exit status $status; the end of $log:"
+      tail -n 25 "$log"
+      say "fix the cause and resubmit the same command to resume"
+      exit "$status"
+    fi
+    say "$round/$stage: $(grep -q 'up to date' "$log" && echo 'up to date, skipped' || echo done)"
+  done
+done
+say "expansion complete: $RUN_DIR"

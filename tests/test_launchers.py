@@ -1,0 +1,159 @@
+"""Every launcher starts a stage in 2 processes on CPU, and the result equals the 1-process result.
+
+Launchers: the DeepSpeed launcher (as typed, and through ``run_stage_in_processes``), torchrun, mpirun, srun.
+Also rank discovery from launcher variables, and the Slurm preflight."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
+from pipeline import launch
+from pipeline.launch import StageProcessesFailed, discover_ranks, launch_stage_command, run_stage_in_processes
+from test_slurm import slurm_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without launcher variables, on loopback, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def analyze_setup(tmp_path_factory, tokenizer_dir) -> tuple[Path, dict]:
+    """A tiny analyze config and its 1-process similarity.json."""
+    root = tmp_path_factory.mktemp("launchers")
+    model = make_tiny_model(root / "model", "llama", tokenizer_dir, seed=3, layers=3)
+    sources = {lang: {"path": str(write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 40, seed=9)))}
+               for lang in ("en", "el", "hu")}
+    config = root / "run.yaml"
+    config.write_text(json.dumps({
+        "name": "t", "run_dir": str(root / "single"), "old_languages": ["en"],
+        "rounds": [{"name": "g1", "languages": ["el", "hu"]}], "model": {"path": str(model)},
+        "data": {"builtin_corpus": "none", "sources": sources},
+        "analyze": {"tokens_per_language": 300, "batch_size": 4, "max_length": 48},
+        "allocate": {"method": "reference", "delta": 5, "classifier_count": 1},
+    }))
+    subprocess.run([sys.executable, "stages/analyze.py", "--config", str(config)], check=True, cwd=ROOT, env=clean_env(),
+                   capture_output=True, timeout=300)
+    return config, json.loads((root / "single" / "g1" / "analyze" / "similarity.json").read_text())
+
+
+def assert_same_similarity(single: dict, run_dir: Path) -> None:
+    multi = json.loads((run_dir / "g1" / "analyze" / "similarity.json").read_text())
+    assert multi["tokens"] == single["tokens"]
+    for key in single["pairs"]:  # batches differ per rank: equal up to float64 summation order
+        assert max(abs(x - y) for x, y in zip(single["pairs"][key], multi["pairs"][key])) < 1e-7
+
+
+def launcher_command(launcher: str) -> list[str]:
+    """The launcher's own command line for 2 local processes, up to the script."""
+    bin_dir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        return [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    if launcher == "torchrun":
+        return [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    if launcher == "mpirun":
+        return ["mpirun", "-n", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), sys.executable]
+    return ["srun", "--ntasks=2", "--overcommit", "--time=10", sys.executable]  # 2 tasks even on a 1-CPU node
+
+
+def launcher_missing(launcher: str) -> str | None:
+    if launcher == "mpirun" and shutil.which("mpirun") is None:
+        return "mpirun is not installed (apt-get install openmpi-bin)"
+    return slurm_problem() if launcher == "srun" else None
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun", "srun"])
+def test_launcher_two_processes_match_one(analyze_setup, tmp_path, launcher):
+    if reason := launcher_missing(launcher):
+        pytest.skip(reason)
+    config, single = analyze_setup
+    run_dir = tmp_path / launcher
+    command = [*launcher_command(launcher), "stages/analyze.py", "--config", str(config), f"run_dir={run_dir}"]
+    proc = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    per_rank = [int(n) for n in re.findall(r"(\d+)/\d+ tokens on this rank", proc.stderr)]
+    assert per_rank and max(per_rank) < 300  # rank 0 read only its share of each language's 300 tokens
+    assert_same_similarity(single, run_dir)
+
+
+def test_run_stage_in_processes_matches_one_and_reports_failure(analyze_setup, tmp_path, monkeypatch):
+    config, single = analyze_setup
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_stage_in_processes(config, "analyze", "g1", [f"run_dir={tmp_path / 'ok'}"], 2)
+    assert_same_similarity(single, tmp_path / "ok")
+    with pytest.raises(StageProcessesFailed, match="analyze \\(g1\\) failed in 2 processes with exit code 2") as e:
+        run_stage_in_processes(config, "analyze", "g1", [f"run_dir={tmp_path / 'bad'}", "analyze.batch_size=0"], 2)
+    assert e.value.returncode == 2 and not (tmp_path / "bad").exists()
+
+
+def test_launch_stage_command():
+    cmd = launch_stage_command("c.yaml", "train_stage2", "g1", ["a.b=1"], 4, master_port=29555, force=True)
+    assert cmd[1:] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "4", "--master_addr", "127.0.0.1",
+                       "--master_port", "29555", str(ROOT / "stages" / "train.py"), "--stage", "2",
+                       "--config", "c.yaml", "--round", "g1", "--force", "a.b=1"]
+    multi = launch_stage_command("c.yaml", "analyze", None, [], 8, nodes=2, node_rank=1, master_addr="n1",
+                                 master_port=29555, hostfile="hosts")
+    assert multi[multi.index("--hostfile"):multi.index(str(ROOT / "stages" / "analyze.py"))] == [
+        "--hostfile", "hosts", "--no_ssh", "--node_rank", "1", "--num_nodes", "2"]
+    with pytest.raises(launch.LayerMoEError, match="hostfile and a master port"):
+        launch_stage_command("c.yaml", "analyze", nodes=2)
+    with pytest.raises(launch.LayerMoEError, match="no entry point"):
+        launch_stage_command("c.yaml", "nonexistent")
+
+
+def set_env(monkeypatch, **variables: str) -> None:
+    """Exactly these launcher-related variables; all of them are restored after the test."""
+    for name in LAUNCHER_VARIABLES:  # set first so that monkeypatch also undoes what discover_ranks exports
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")):
+            monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_discover_ranks_from_slurm_variables(monkeypatch):
+    step = dict(SLURM_JOB_ID="812", SLURM_STEP_ID="3", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_STEP_NUM_TASKS="4",
+                SLURM_STEP_NUM_NODES="1", SLURM_STEP_NODELIST="node7")
+    set_env(monkeypatch, **step)
+    assert discover_ranks() == launch.Ranks(3, 4, 1, "slurm")
+    assert {k: os.environ[k] for k in LAUNCHER_VARIABLES} == {
+        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(launch.slurm_port(812, 3))}
+    assert discover_ranks() == launch.Ranks(3, 4, 1, "env")  # a second call reads what the first exported
+
+    set_env(monkeypatch, **step, MASTER_ADDR="10.0.0.5", MASTER_PORT="29999")  # configured rendezvous is kept
+    discover_ranks()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.5", "29999")
+
+    # a batch script has SLURM_PROCID/SLURM_NTASKS but is one process: no SLURM_STEP_* variables
+    set_env(monkeypatch, SLURM_JOB_ID="812", SLURM_PROCID="0", SLURM_NTASKS="4")
+    assert discover_ranks() == launch.Ranks(0, 1, 0, "none") and "RANK" not in os.environ
+
+
+def test_preflight_refuses_bf16_without_gpus(analyze_setup, monkeypatch, capsys):
+    config, _ = analyze_setup
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("LAYERMOE_PROCS_PER_NODE", "3")
+    assert launch.main(["preflight", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "rounds=g1\n" in out and "processes_per_node=3\n" in out and "gpus_per_node=0\n" in out
+    assert launch.main(["preflight", str(config), "train.ds_config=ds_configs/zero1_bf16.json"]) == 2
+    assert "this node has no GPUs" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""slurm/expand.sh through a real Slurm (scripts/start_slurm.sh starts a one-node cluster on this machine).
+
+Skipped, with the reason, when no Slurm answers here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model, synthetic_documents, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slurm_problem() -> str | None:
+    """Why Slurm cannot run jobs here (None when a node answers ``sinfo`` as usable)."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "Slurm is not installed (start one with: bash scripts/start_slurm.sh)"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout.split()
+    except subprocess.TimeoutExpired:
+        return "sinfo does not answer: slurmctld is not running (start it with: bash scripts/start_slurm.sh)"
+    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+        return f"no usable Slurm node (sinfo states: {states or 'none'}; start one with: bash scripts/start_slurm.sh)"
+    return None
+
+
+requires_slurm = pytest.mark.skipif(slurm_problem() is not None, reason=str(slurm_problem()))
+
+
+def job_env() -> dict[str, str]:
+    """This environment for a job (sbatch exports it) without launcher variables; 2 processes per node."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LAYERMOE_PROCS_PER_NODE": "2"}
+
+
+def submit(tmp_path: Path, config: Path, *overrides: str) -> tuple[int, int, str]:
+    """``sbatch --wait slurm/expand.sh CONFIG OVERRIDES``: (job id, exit status, job log)."""
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={tmp_path}/job-%j.out",
+                           "slurm/expand.sh", str(config), *overrides],
+                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+    job = int(proc.stdout.split(";")[0])
+    return job, proc.returncode, (tmp_path / f"job-{job}.out").read_text()
+
+
+def job_state(job: int) -> str:
+    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True, check=True).stdout
+    return re.search(r"JobState=(\S+)", out).group(1)
+
+
+@pytest.fixture
+def expansion_config(tmp_path, tokenizer_dir) -> Path:
+    """A whole one-round expansion of a tiny model that trains for 2 steps per stage."""
+    model = make_tiny_model(tmp_path / "model", "llama", tokenizer_dir, seed=5, layers=2)
+    sources = {lang: {"path": str(write_jsonl(tmp_path / "data" / f"{lang}.jsonl", synthetic_documents(lang, 40, seed=4)))}
+               for lang in ("en", "el", "hu")}
+    steps = dict(steps=2, warmup_steps=1, micro_batch_size=2, block_length=32, tokens_per_language=1000)
+    body = {
+        "name": "slurm", "run_dir": str(tmp_path / "run"), "old_languages": ["en"],
+        "rounds": [{"name": "g1", "languages": ["el", "hu"]}],
+        "model": {"path": str(model)},
+        "data": {"builtin_corpus": "none", "sources": sources},
+        "analyze": {"tokens_per_language": 300, "max_length": 48},
+        "allocate": {"method": "explicit", "explicit": [3, 2], "classifier_layers": [0, 1]},
+        "train": {"stats_every": 1, "stage1": steps, "stage2": {**steps, "replay_tokens_per_language": 500}},
+        "evaluate": {"tokens_per_language": 200, "block_length": 32, "translation_sentences": 0,
+                     "include_stage1_models": False},
+    }
+    config = tmp_path / "expand.yaml"
+    config.write_text(json.dumps(body))
+    return config
+
+
+@requires_slurm
+def test_sbatch_expand_runs_every_stage(expansion_config, tmp_path):
+    job, status, job_log = submit(tmp_path, expansion_config)
+    assert status == 0, job_log[-4000:]
+    assert job_state(job) == "COMPLETED"
+    g1 = tmp_path / "run" / "g1"
+    assert json.loads((g1 / "train_stage2" / "model" / "config.json").read_text())["experts_per_layer"] == [3, 2]
+    assert (g1 / "evaluate" / "report.json").is_file()
+    logs = tmp_path / "run" / "logs" / f"slurm-{job}"
+    assert "world 2" in (logs / "g1.train_stage1.log").read_text()  # trained in 2 processes
+    assert "expansion complete" in job_log
+    for stage in ("analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate"):
+        assert f"g1/{stage}: done" in job_log
+
+
+@requires_slurm
+def test_sbatch_expand_needs_gpus_for_bf16_and_writes_nothing(expansion_config, tmp_path):
+    job, status, job_log = submit(tmp_path, expansion_config, "train.ds_config=ds_configs/zero1_bf16.json")
+    assert status == 2 and job_state(job) == "FAILED"
+    assert "this node has no GPUs" in job_log and "enables bf16" in job_log
+    assert not (tmp_path / "run").exists()
