@@ -52,7 +52,6 @@ def ceilings() -> tuple[float, float]:
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() / bench(lambda: dst.copy_(src))
-    del src, dst
     a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     return bandwidth, 2 * 8192**3 / bench(lambda: a @ b)
 

@@ -14,6 +14,7 @@
 # rather than one `layermoe run`, because only srun can put a launcher on every node, and so that every stage
 # gets its own log and exit status.
 #
+# The repository, the config, its data and run_dir must be on a filesystem every node sees.
 # Resuming: resubmit the same command. Stages whose settings and inputs are unchanged are skipped by the
 # pipeline itself; an interrupted training stage continues from its last DeepSpeed checkpoint.
 # Failure: the job stops at the first failing stage, prints the end of its log and exits with its status
@@ -53,10 +54,11 @@ MULTI_PROCESS=" $(get multi_process_stages) "
 GPUS=$(get gpus_per_node)
 PROCS=$(get processes_per_node)
 [ "$GPUS" -gt 0 ] || export DS_ACCELERATOR=cpu
-[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun >= 22.05 no longer inherits it
+[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun 22.05-23.02 does not inherit it
 
 NODES=${SLURM_NNODES:-1}
-mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+mapfile -t HOSTS <<<"$hosts"
 if [ "$NODES" -eq 1 ]; then HEAD=127.0.0.1; else HEAD=${HOSTS[0]}; fi  # one node stays on loopback
 PORT_BASE=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 400 * 30))}
 

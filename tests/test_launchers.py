@@ -102,6 +102,23 @@ def test_run_stage_in_processes_matches_one_and_reports_failure(analyze_setup, t
     assert e.value.returncode == 2 and not (tmp_path / "bad").exists()
 
 
+def test_two_nodes_as_slurm_expand_starts_them(analyze_setup, tmp_path):
+    """slurm/expand.sh's multi-node path on one machine: one `python -m pipeline.launch stage` per "node"."""
+    config, single = analyze_setup
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "pipeline.launch", "stage", "analyze", "--config", str(config),
+                               "--round", "g1", "--nodes", "2", "--node-rank", str(rank), "--master-port", str(port),
+                               "--hostfile", str(hostfile), f"run_dir={tmp_path / 'run'}"],
+                              cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
+    assert_same_similarity(single, tmp_path / "run")
+
+
 def test_launch_stage_command():
     cmd = launch_stage_command("c.yaml", "train_stage2", "g1", ["a.b=1"], 4, master_port=29555, force=True)
     assert cmd[1:] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "4", "--master_addr", "127.0.0.1",

@@ -37,3 +37,18 @@ def test_classifier_and_dense_layers():
     assert p.routers == 3 * h  # a dense layer has no router
     assert p.classifiers == 2 * h
     assert p.activated == p.dense_total + p.expert_params_per_layer[1] + p.routers + p.classifiers
+
+
+def test_plan_command_reads_a_config_without_weights(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN15_18B))  # no weights in the directory at all
+    allocation = tmp_path / "allocation.json"
+    allocation.write_text(json.dumps({"experts_per_layer": [6] * 24, "classifier_layers": [5, 6]}))
+    assert main(["plan", "--model", str(tmp_path), "--allocation", str(allocation)]) == 0
+    out = capsys.readouterr().out
+    assert "total:" in out and "activated per token:" in out and "64.5 MiB in bfloat16" in out
+    assert main(["plan", "--model", str(tmp_path / "config.json"), "--experts", "6"]) == 0
+    assert "5,895,112,704" in capsys.readouterr().out

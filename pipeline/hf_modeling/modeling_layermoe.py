@@ -59,14 +59,6 @@ class RoutingContext:
         return mask[:, -seq:].to(device=device, dtype=torch.bool)
 
 
-def route_top_k(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 softmax, top-k, renormalised weights. Returns ``(probs [N,E], weights [N,k], indices [N,k])``."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, indices = torch.topk(probs, k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return probs, weights, indices
-
-
 def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, routing: RouteResult) -> torch.Tensor:
     """``y[t] = sum over active slots j of weights[t, j] * experts[indices[t, j]](x[t])``, dropless.
 
