@@ -8,6 +8,7 @@ added by an expansion round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -16,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import log
-from pipeline.base_model import load_causal_lm
+from pipeline import distributed, log
+from pipeline.atomic import write_json
+from pipeline.base_model import load_causal_lm, read_model_config
 from pipeline.config import RunConfig
-from pipeline.corpus import language_documents
+from pipeline.corpus import language_documents, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
+from pipeline.manifest import hash_path
 from pipeline.packing import load_tokenizer, pack_documents
 from pipeline.routing_stats import RoutingStats
 
@@ -49,28 +52,45 @@ def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[s
 
 
 @torch.no_grad()
-def score_model(model: torch.nn.Module, blocks: dict[str, torch.Tensor], original: set[str], batch_size: int,
-                label: str) -> tuple[dict[str, float], dict[str, dict]]:
-    """Perplexity per language and, for an expanded model, routing statistics per language."""
-    ppl, routing = {}, {}
+def score_language(model: torch.nn.Module, ids: torch.Tensor, is_original: bool, batch_size: int) -> dict:
+    """Perplexity of ``model`` on the blocks ``ids`` and, for an expanded model, its routing statistics."""
+    total, count = 0.0, 0
+    stats = RoutingStats()
     expanded = isinstance(model, LayerMoEForCausalLM)
-    for lang, ids in blocks.items():
-        total, count = 0.0, 0
-        stats = RoutingStats()
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            total += next_token_loss(logits, batch).item() * n
-            count += n
-            if expanded:
-                records = {i: b.last_routing for i, b in moe_blocks(model).items()}
-                stats.add(records, torch.full((batch.numel(),), lang in original))
-        ppl[lang] = math.exp(total / count)
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start:start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += next_token_loss(logits, batch).item() * n
+        count += n
         if expanded:
-            routing[lang] = stats.summary()
-        log.info(f"evaluate {label}: {lang} perplexity {ppl[lang]:.2f} over {count:,} tokens")
-    return ppl, routing
+            records = {i: b.last_routing for i, b in moe_blocks(model).items()}
+            stats.add(records, torch.full((batch.numel(),), is_original))
+    return {"perplexity": math.exp(total / count), "tokens": count,
+            "routing": {str(k): v for k, v in stats.summary().items()} if expanded else None}
+
+
+class ResultCache:
+    """Per (model, language, settings) results shared by the evaluate stages of all rounds of a run, so a
+    model scored in round 1 is not scored again in round 2. Keys hash the model directory's content."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._model_hashes: dict[Path, str] = {}
+
+    def key(self, model_path: Path, *parts) -> str:
+        if model_path not in self._model_hashes:
+            self._model_hashes[model_path] = hash_path(model_path)
+        blob = json.dumps([self._model_hashes[model_path], *parts], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        path = self.root / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, key: str, value: dict) -> None:
+        if distributed.current().is_main:
+            write_json(self.root / f"{key}.json", value)
 
 
 def translation_pairs(config: RunConfig, target: str, count: int, shots: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -153,24 +173,46 @@ def evaluate_models(config: RunConfig, models: list[EvalModel], languages: list[
     report: dict = {"languages": {"old": [l for l in languages if l in original],
                                   "new": [l for l in languages if l not in original]},
                     "perplexity": {}, "routing": {}, "translation": {}, "harness": {}, "experts": {}}
+    cache = ResultCache(config.run_path / ".evaluate_cache")
+    corpus = {lang: hash_path(resolve_source(config, lang).path) for lang in languages}
+    split = (config.data.heldout_fraction, config.data.split_seed, e.tokens_per_language, e.block_length)
     for m in models:
         started = time.perf_counter()
-        model = load_causal_lm(m.path)
-        ppl, routing = score_model(model, blocks, original, e.batch_size, m.label)
-        report["perplexity"][m.label] = ppl
+        model = None
+        report["perplexity"][m.label], routing = {}, {}
+        for lang in languages:
+            key = cache.key(m.path, "perplexity", lang, corpus[lang], split, lang in original)
+            result = cache.get(key)
+            if result is None:
+                model = model or load_causal_lm(m.path)
+                result = score_language(model, blocks[lang], lang in original, e.batch_size)
+                cache.put(key, result)
+            report["perplexity"][m.label][lang] = result["perplexity"]
+            if result["routing"] is not None:
+                routing[lang] = result["routing"]
+            log.info(f"evaluate {m.label}: {lang} perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
+        model_config = read_model_config(m.path)
         if routing:
             report["routing"][m.label] = routing
-            report["experts"][m.label] = {"experts_per_layer": model.config.experts_per_layer,
-                                          "classifier_layers": model.config.classifier_layers,
-                                          "new_experts": sum(n - 1 for n in model.config.experts_per_layer)}
+            report["experts"][m.label] = {"experts_per_layer": model_config["experts_per_layer"],
+                                          "classifier_layers": model_config["classifier_layers"],
+                                          "new_experts": sum(n - 1 for n in model_config["experts_per_layer"])}
         if m.label in translate_labels and e.translation_sentences > 0:
             report["translation"][m.label] = {}
             for lang in new_languages:
-                examples, tests = translation_pairs(config, lang, e.translation_sentences, e.translation_shots)
-                if tests:
-                    report["translation"][m.label][lang] = translate_chrf(
-                        model, tokenizer, examples, tests, LANGUAGE_NAMES.get(lang, lang), e.translation_max_new_tokens)
-                    log.info(f"evaluate {m.label}: en->{lang} chrF {report['translation'][m.label][lang]['chrf']:.1f}")
+                key = cache.key(m.path, "translation", lang, e.translation_sentences, e.translation_shots,
+                                e.translation_max_new_tokens, e.parallel_file)
+                result = cache.get(key)
+                if result is None:
+                    examples, tests = translation_pairs(config, lang, e.translation_sentences, e.translation_shots)
+                    if not tests:
+                        continue
+                    model = model or load_causal_lm(m.path)
+                    result = translate_chrf(model, tokenizer, examples, tests, LANGUAGE_NAMES.get(lang, lang),
+                                            e.translation_max_new_tokens)
+                    cache.put(key, result)
+                report["translation"][m.label][lang] = result
+                log.info(f"evaluate {m.label}: en->{lang} chrF {result['chrf']:.1f}")
         report["harness"][m.label] = run_harness(m.path, e.harness_tasks)
         log.info(f"evaluate {m.label}: done in {time.perf_counter() - started:.0f}s")
     base = report["perplexity"][models[0].label]

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
 from pipeline import launch
+from pipeline.errors import LayerMoEError
 from pipeline.launch import StageProcessesFailed, discover_ranks, launch_stage_command, run_stage_in_processes
 from test_slurm import slurm_problem
 
@@ -128,9 +129,9 @@ def test_launch_stage_command():
                                  master_port=29555, hostfile="hosts")
     assert multi[multi.index("--hostfile"):multi.index(str(ROOT / "stages" / "analyze.py"))] == [
         "--hostfile", "hosts", "--no_ssh", "--node_rank", "1", "--num_nodes", "2"]
-    with pytest.raises(launch.LayerMoEError, match="hostfile and a master port"):
+    with pytest.raises(LayerMoEError, match="hostfile and a master port"):
         launch_stage_command("c.yaml", "analyze", nodes=2)
-    with pytest.raises(launch.LayerMoEError, match="no entry point"):
+    with pytest.raises(LayerMoEError, match="no entry point"):
         launch_stage_command("c.yaml", "nonexistent")
 
 
