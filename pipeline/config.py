@@ -157,6 +157,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How ``layermoe run`` starts the stages that split work over ranks (analyze, training)."""
+
+    processes_per_node: int = 1  # > 1: those stages run under the DeepSpeed launcher with this many processes
+    require_gpus: bool = False  # refuse to start (Slurm preflight) on a node without GPUs
+
+
+@dataclass
 class RunConfig:
     """A whole lifelong expansion run."""
 
@@ -173,6 +181,7 @@ class RunConfig:
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     # -- derived values ----------------------------------------------------------------------------------
     @property
@@ -384,6 +393,7 @@ def validate(config: RunConfig) -> RunConfig:
     _validate_allocate(config.allocate, "allocate")
     _require(config.upcycle.top_k >= 1, "upcycle.top_k", "must be >= 1")
     _require(config.upcycle.verify_tolerance > 0, "upcycle.verify_tolerance", "must be positive")
+    _require(config.launch.processes_per_node >= 1, "launch.processes_per_node", "must be >= 1")
     ev = config.evaluate
     _require(ev.tokens_per_language >= ev.block_length >= 8, "evaluate.tokens_per_language",
              "must be >= evaluate.block_length >= 8")

@@ -215,6 +215,8 @@ def gpu_requirement(config: RunConfig) -> str | None:
     """Why ``config`` cannot run without GPUs, or None when it can."""
     from pipeline.train import deepspeed_config
 
+    if config.launch.require_gpus:
+        return "launch.require_gpus is true"
     if config.model.device.startswith("cuda"):
         return f"model.device is {config.model.device!r}"
     ds = deepspeed_config(config.train.ds_config, config.train.stage1, config.train.gradient_clipping)
@@ -235,7 +237,7 @@ def _preflight(args: argparse.Namespace) -> None:
     if reason and gpus == 0:
         raise LayerMoEError(f"this node has no GPUs (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES) but the config "
                             f"needs them: {reason}; nothing was run")
-    processes = int(os.environ.get("LAYERMOE_PROCS_PER_NODE") or gpus or 1)
+    processes = int(os.environ.get("LAYERMOE_PROCS_PER_NODE") or gpus or config.launch.processes_per_node)
     print(f"run_dir={config.run_path.resolve()}")
     print(f"rounds={' '.join(r.name for r in config.rounds)}")
     print(f"stages={' '.join(STAGES)}")

@@ -30,6 +30,7 @@ from pipeline.config import RunConfig, to_dict
 from pipeline.corpus import iter_documents, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
+from pipeline.launch import MULTI_PROCESS_STAGES, run_stage_in_processes
 from pipeline.manifest import StageSpec, run_stage
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
@@ -318,16 +319,21 @@ def ready_rounds(config: RunConfig) -> Iterator[int]:
 
 def run_pipeline(config: RunConfig, force: bool = False, first: str | None = None, last: str | None = None) -> None:
     """Every stage of every ready round, in order; finished stages are skipped. ``first``/``last`` restrict
-    the stages run in each round (``--from``, ``--until``; both = ``--only``)."""
+    the stages run in each round (``--from``, ``--until``; both = ``--only``). With
+    ``launch.processes_per_node > 1`` the multi-process stages run under the DeepSpeed launcher."""
     for name in (first, last):
         if name is not None and name not in STAGES:
             raise LayerMoEError(f"unknown stage {name!r}; stages are {list(STAGES)}")
     selected = STAGES[STAGES.index(first) if first else 0: STAGES.index(last) + 1 if last else len(STAGES)]
     config.run_path.mkdir(parents=True, exist_ok=True)
     write_json(config.run_path / "config.json", to_dict(config))
+    processes = config.launch.processes_per_node
     for r in ready_rounds(config):
         for stage in selected:
-            STAGE_FUNCTIONS[stage](config, r, force)
+            if stage in MULTI_PROCESS_STAGES and processes > 1 and distributed.current().world_size == 1:
+                run_stage_in_processes(config.run_path / "config.json", stage, config.rounds[r].name, [], processes, force)
+            else:
+                STAGE_FUNCTIONS[stage](config, r, force)
     report = stage_dir(config, len(config.rounds) - 1, "evaluate") / "report.md"
     if report.exists() and "evaluate" in selected:
         from pipeline.report import short_table
