@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 from pipeline import atomic, log
 from pipeline.errors import LayerMoEError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the parsed per-package caches
+BUILD_VERSION = 2  # of a finished build (2: UI strings split into documents of UI_LINES_PER_DOCUMENT lines)
+UI_LINES_PER_DOCUMENT = 50  # small documents, so the hash-based held-out split also works for UI-only languages
 
 
 class _Language(NamedTuple):
@@ -315,8 +317,8 @@ def _ui_documents(catalogs: UiCatalogs, english: bool) -> Iterable[dict[str, str
         else:
             texts = [text for key, text in entries.items() if text != clean_ui_string(english_of(key))]
         lines = list(dict.fromkeys(text for text in texts if has_text(text)))
-        if lines:
-            yield {"id": f"ui:{mo}", "text": "\n".join(lines)}
+        for part, start in enumerate(range(0, len(lines), UI_LINES_PER_DOCUMENT)):
+            yield {"id": f"ui:{mo}#{part}", "text": "\n".join(lines[start:start + UI_LINES_PER_DOCUMENT])}
 
 
 def _parallel_entries(
@@ -363,7 +365,7 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, str]]) -> dict[str, int
 
 def _is_complete(root: Path) -> bool:
     manifest = root / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text("utf-8")).get("format") == FORMAT_VERSION
+    return manifest.exists() and json.loads(manifest.read_text("utf-8")).get("format") == BUILD_VERSION
 
 
 def build_from_packages(languages: Sequence[str], cache_dir: Path, extract: Extractor) -> LibreOfficeCorpus:
@@ -407,7 +409,7 @@ def build_from_packages(languages: Sequence[str], cache_dir: Path, extract: Extr
         atomic.write_json(
             staged.manifest_path,
             {
-                "format": FORMAT_VERSION,
+                "format": BUILD_VERSION,
                 "languages": list(langs),
                 "packages": dict(sorted(packages.items())),
                 "parallel_entries": len(parallel),

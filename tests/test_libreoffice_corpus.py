@@ -145,16 +145,16 @@ def test_documents(built: tuple[lc.LibreOfficeCorpus, FakeApt]) -> None:
     assert docs["en"] == {
         "help:text/scalc/b.html": "Only English",
         "help:text/swriter/a.html": "Page Numbers\nPress F11 to open styles.\nClick OK.\nEmbedded copy.",
-        "ui:sc.mo": "Sheet",
-        "ui:sw.mo": "Close\nOpen\nSave\nOK",
+        "ui:sc.mo#0": "Sheet",
+        "ui:sw.mo#0": "Close\nOpen\nSave\nOK",
     }
     # untranslated (identical to English) help paragraphs and UI strings are dropped; so are pages left empty
     assert docs["es"] == {
         "help:text/swriter/a.html": "Números de página\nPulse F11 para abrir estilos.\nCopia incrustada.",
-        "ui:sc.mo": "Hoja",
-        "ui:sw.mo": "Cerrar\nAbrir\nGuardar",
+        "ui:sc.mo#0": "Hoja",
+        "ui:sw.mo#0": "Cerrar\nAbrir\nGuardar",
     }
-    assert docs["bn"] == {"ui:sw.mo": "খুলুন\nঠিক আছে\nমুদ্রণ"}
+    assert docs["bn"] == {"ui:sw.mo#0": "খুলুন\nঠিক আছে\nমুদ্রণ"}
 
 
 def test_parallel_alignment(built: tuple[lc.LibreOfficeCorpus, FakeApt]) -> None:
