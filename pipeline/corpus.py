@@ -59,10 +59,19 @@ def resolve_source(config: RunConfig, language: str) -> LanguageSource:
             raise LayerMoEError(f"data.sources.{language}.path: corpus {str(path)!r} does not exist")
         fmt = infer_format(path) if src.format == "auto" else src.format
         return LanguageSource(language, path, fmt, src.field, src.text_sample_by)
-    if config.data.builtin_corpus == "libreoffice":
-        builtin = tuple(lang for lang in config.all_languages() if lang not in config.data.sources)
-        return LanguageSource(language, _builtin_corpus(builtin, config.cache_path).documents_path(language), "jsonl")
+    corpus = builtin_corpus(config)
+    if corpus is not None:
+        return LanguageSource(language, corpus.documents_path(language), "jsonl")
     raise LayerMoEError(f"language {language!r} has no data.sources entry and the built-in corpus is off")
+
+
+def builtin_corpus(config: RunConfig):
+    """The built-in LibreOffice corpus for every run language without a ``data.sources`` entry (built on first
+    use, then cached), or None when the built-in corpus is off."""
+    if config.data.builtin_corpus != "libreoffice":
+        return None
+    languages = tuple(lang for lang in config.all_languages() if lang not in config.data.sources)
+    return _builtin_corpus(languages, config.cache_path)
 
 
 @functools.lru_cache(maxsize=4)

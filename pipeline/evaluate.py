@@ -21,7 +21,7 @@ from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, read_model_config
 from pipeline.config import RunConfig
-from pipeline.corpus import language_documents, resolve_source
+from pipeline.corpus import builtin_corpus, language_documents, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
@@ -95,7 +95,8 @@ class ResultCache:
 
 def translation_pairs(config: RunConfig, target: str, count: int, shots: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(few-shot examples, test pairs) of (English, target) sentences from the parallel evaluation set."""
-    path = Path(config.evaluate.parallel_file) if config.evaluate.parallel_file else _builtin_parallel(config)
+    corpus = builtin_corpus(config)
+    path = Path(config.evaluate.parallel_file) if config.evaluate.parallel_file else corpus and corpus.parallel_path
     if path is None or not path.is_file():
         return [], []
     pairs = []
@@ -108,15 +109,6 @@ def translation_pairs(config: RunConfig, target: str, count: int, shots: int) ->
             if len(pairs) >= shots + count:
                 break
     return pairs[:shots], pairs[shots:shots + count]
-
-
-def _builtin_parallel(config: RunConfig) -> Path | None:
-    if config.data.builtin_corpus != "libreoffice":
-        return None
-    from pipeline.corpus import _builtin_corpus
-
-    builtin = tuple(lang for lang in config.all_languages() if lang not in config.data.sources)
-    return _builtin_corpus(builtin, config.cache_path).parallel_path
 
 
 @torch.no_grad()
