@@ -1,22 +1,21 @@
 """Expert parallelism for ``LayerMoEBlock`` where a layer's expert count need not divide the group size.
 
-* ``ExpertPlacement``: expert 0 (the frozen original FFN) is replicated on every rank; the new experts
-  1..E-1 are split into contiguous, nearly equal chunks, one per rank of the expert-parallel group (the first
-  ``(E-1) % P`` ranks hold one more; a rank may hold none).
+* ``ExpertPlacement`` / ``place_experts``: expert 0 (the frozen original FFN) is replicated on every rank; the
+  new experts are dealt to the ranks of the expert-parallel group round by round, so the experts one training
+  stage updates are spread evenly (a rank may hold none of a given layer).
 * ``expert_parallel_forward``: the dropless grouped forward of ``grouped_expert_forward`` with every expert
   run on its owner. Assignments to local experts (expert 0 and the owned ones) never leave their rank; the
   others travel in one uneven all-to-all (after a small all-to-all of counts) and come back in a second one.
   Differentiable with respect to the input, the routing weights and the owners' expert parameters.
-* ``shard_block``: keeps only this rank's experts in a block and makes the block dispatch through the above.
+* ``shard_model`` / ``shard_block``: keep only this rank's experts and dispatch through the above;
+  ``owned_expert_state`` and ``unshard_model`` take the pieces apart and put the whole model back together.
 * ``expert_parallel_group``, ``mark_expert_parameters``: the DeepSpeed side (groups; expert gradients reduced
   over the expert-data-parallel group instead of the whole data-parallel group).
 
 Use with DeepSpeed (ZeRO 0-2; ``ep_size`` must divide the world size), on every rank, in this order::
 
     deepspeed.init_distributed()
-    group = expert_parallel_group(ep_size)
-    for block in moe_blocks(model).values():
-        shard_block(block, ExpertPlacement(block.num_experts, ep_size), group)
+    shard_model(model, expert_parallel_group(ep_size))
     set_trainable(model, roles)                      # before marking: the marker depends on it
     mark_expert_parameters(model, ep_size)
     param_groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"})
@@ -28,7 +27,8 @@ client optimizer without its MoE groups, and every rank then needs at least one 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,50 +36,61 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from .hf_modeling.modeling_layermoe import LayerMoEBlock
+from .hf_modeling.modeling_layermoe import LayerMoEBlock, moe_blocks
 from .hf_modeling.router_kernel import RouteResult
+from .upcycle import is_new_expert_parameter
 
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Which rank of an expert-parallel group of ``ep_size`` ranks holds which of a layer's ``num_experts``."""
+    """Which rank of an expert-parallel group of ``ep_size`` ranks holds which of a layer's experts: expert 0
+    (frozen, replicated) is on every rank, new expert ``e`` (>= 1) on rank ``owners[e - 1]`` only."""
 
-    num_experts: int
+    owners: tuple[int, ...]
     ep_size: int
 
     def __post_init__(self) -> None:
-        if self.num_experts < 1 or self.ep_size < 1:
-            raise ValueError(f"need num_experts >= 1 and ep_size >= 1, got {self.num_experts}, {self.ep_size}")
+        if self.ep_size < 1 or any(not 0 <= o < self.ep_size for o in self.owners):
+            raise ValueError(f"owners {self.owners} do not fit an expert-parallel group of {self.ep_size} ranks")
 
-    def owned_range(self, rank: int) -> range:
-        """The new experts (ids >= 1) that ``rank`` holds; empty when there are fewer new experts than ranks."""
+    @property
+    def num_experts(self) -> int:
+        return len(self.owners) + 1
+
+    def owned(self, rank: int) -> tuple[int, ...]:
+        """The new experts (ids >= 1) that ``rank`` holds; may be empty."""
         if not 0 <= rank < self.ep_size:
             raise ValueError(f"rank {rank} is not in an expert-parallel group of {self.ep_size}")
-        base, extra = divmod(self.num_experts - 1, self.ep_size)
-        start = 1 + rank * base + min(rank, extra)
-        return range(start, start + base + (rank < extra))
+        return tuple(e for e, owner in enumerate(self.owners, start=1) if owner == rank)
 
     def local_experts(self, rank: int) -> tuple[int, ...]:
         """Expert ids present on ``rank``: 0 (replicated) first, then its owned experts in order."""
-        return (0, *self.owned_range(rank))
+        return (0, *self.owned(rank))
 
     def owner(self, expert: int) -> int:
         """The rank that holds new expert ``expert`` (>= 1); expert 0 is on every rank."""
         if not 1 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} has no single owner (new experts are 1..{self.num_experts - 1})")
-        base, extra = divmod(self.num_experts - 1, self.ep_size)
-        i = expert - 1
-        return i // (base + 1) if i < extra * (base + 1) else extra + (i - extra * (base + 1)) // base
+        return self.owners[expert - 1]
 
-    def locate(self, expert: int) -> tuple[int, int]:
-        """``(rank, index into local_experts(rank))`` of an expert; expert 0 maps to rank 0's copy, ``(0, 0)``.
 
-        Converting a checkpoint between ep sizes moves expert ``e`` from ``old.locate(e)`` to ``new.locate(e)``.
-        """
-        if expert == 0:
-            return 0, 0
-        rank = self.owner(expert)
-        return rank, expert - self.owned_range(rank).start + 1
+def place_experts(expert_rounds: Sequence[Sequence[int]], ep_size: int) -> list[ExpertPlacement]:
+    """Placements for layers whose experts were added in the given rounds (``expert_rounds[layer][e]``, 0 for
+    expert 0, as in ``LayerMoEConfig``).
+
+    The new experts are dealt to the ranks like cards, round by round and layer by layer, with one counter
+    running through the whole model. So each round's experts (the ones a training stage updates) are spread
+    over the ranks as evenly as possible, and so are each layer's experts of one round (ranks differ by at
+    most one expert); every rank holds a trainable expert whenever a round adds at least ``ep_size``.
+    """
+    owners = [[0] * (len(rounds) - 1) for rounds in expert_rounds]
+    dealt = 0
+    for r in sorted({r for rounds in expert_rounds for r in rounds if r > 0}):
+        for layer, rounds in enumerate(expert_rounds):
+            for e in (e for e, added in enumerate(rounds) if added == r and e > 0):
+                owners[layer][e - 1] = dealt % ep_size
+                dealt += 1
+    return [ExpertPlacement(tuple(o), ep_size) for o in owners]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -141,7 +152,7 @@ def expert_parallel_forward(x: torch.Tensor, experts: Mapping[int, nn.Module], t
         raise ValueError(f"placement is for {placement.ep_size} ranks, the group has {world}")
     rank = dist.get_rank(group) if world > 1 else 0
     num_experts = placement.num_experts
-    owners = torch.tensor([rank] + [placement.owner(e) for e in range(1, num_experts)], device=x.device)
+    owners = torch.tensor([rank, *placement.owners], device=x.device)
     dest = owners[expert_index]
     is_local = dest == rank
 
@@ -219,6 +230,44 @@ def shard_block(block: LayerMoEBlock, placement: ExpertPlacement, group: dist.Pr
         if e not in local:
             block.experts[e] = RemoteExpert(e, placement.owner(e))
     block.dispatch = ExpertParallelDispatch({e: block.experts[e] for e in local}, placement, group)
+
+
+
+def shard_model(model: nn.Module, group: dist.ProcessGroup) -> dict[int, ExpertPlacement]:
+    """Shard every MoE block of a ``LayerMoEForCausalLM`` over ``group`` (placement: ``place_experts`` on the
+    model's ``expert_rounds``); returns the placement of each MoE layer."""
+    blocks = moe_blocks(model)
+    rounds = model.config.expert_rounds
+    placements = dict(zip(blocks, place_experts([rounds[i] for i in blocks], dist.get_world_size(group))))
+    for i, block in blocks.items():
+        shard_block(block, placements[i], group)
+    return placements
+
+
+def owned_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The new-expert parameters present on this rank, by their (global) state-dict names, as CPU copies."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if is_new_expert_parameter(name)}
+
+
+def unshard_model(model: nn.Module, expert_state: Mapping[str, torch.Tensor]) -> None:
+    """Undo ``shard_model`` in place: every ``RemoteExpert`` becomes a full expert again with its weights from
+    ``expert_state`` (state-dict names, e.g. the union of every rank's ``owned_expert_state``), and the blocks
+    dispatch locally again."""
+    for block_name, block in model.named_modules():
+        if not isinstance(block, LayerMoEBlock):
+            continue
+        for e, expert in enumerate(block.experts):
+            if isinstance(expert, RemoteExpert):
+                prefix = f"{block_name}.experts.{e}."
+                full = copy.deepcopy(block.experts[0])
+                weights = {k.removeprefix(prefix): v for k, v in expert_state.items() if k.startswith(prefix)}
+                missing = sorted(set(full.state_dict()) - set(weights))
+                if missing:
+                    raise ValueError(f"no weights for {prefix}{missing[0]} (and {len(missing) - 1} more)")
+                full.load_state_dict(weights)
+                block.experts[e] = full
+        block.__dict__.pop("dispatch", None)  # back to the class's local dispatch
+        block._modules.pop("deepspeed_moe_marker", None)
 
 
 def expert_group_name(ep_size: int) -> str:

@@ -126,16 +126,34 @@ def plot_routing_heatmap(routing: dict, title: str, path: Path) -> None:
 
 
 def compare_runs(run_dirs: list[Path]) -> str:
-    """A side-by-side table of several runs' final reports (e.g. LayerMoE vs uniform MoE-LPR vs dense)."""
-    rows = ["| run | model | new experts | total params | old ppl | new ppl |", "|---|---|---:|---:|---:|---:|"]
-    for run_dir in run_dirs:
-        reports = sorted(Path(run_dir).glob("*/evaluate/report.json"), key=lambda p: p.stat().st_mtime)
-        if not reports:
-            raise LayerMoEError(f"{run_dir}: no evaluate/report.json found (has the run finished?)")
-        report = json.loads(reports[-1].read_text())
-        for label, avg in report["group_average"].items():
-            experts = report["experts"].get(label, {})
-            params = report.get("parameters", {}).get(label)
-            rows.append(f"| {Path(run_dir).name} | {label} | {experts.get('new_experts', 0)} | "
-                        f"{'-' if params is None else f'{params / 1e6:,.1f}M'} | {_fmt(avg['old'])} | {_fmt(avg['new'])} |")
-    return "\n".join(rows)
+    """Several runs side by side, round by round (e.g. LayerMoE vs uniform MoE-LPR): each round's model from
+    that round's report, so that runs with more rounds compare on the same languages; the base model once per
+    run; per-language perplexities after the averages."""
+    rows, languages = [], []
+    for run_dir in map(Path, run_dirs):
+        reports = _round_reports(run_dir)
+        for i, report in enumerate(reports):
+            for label in (["base"] if i == 0 else []) + [report["round"]]:
+                ppl, avg = report["perplexity"][label], report["group_average"][label]
+                languages += [l for l in ppl if l not in languages]
+                experts = report["experts"].get(label, {}).get("new_experts", 0)
+                params = report.get("parameters", {}).get(label)
+                rows.append((f"| {run_dir.name} | {report['round']} | {label} | {experts} | "
+                             f"{'-' if params is None else f'{params / 1e6:,.1f}M'} | {_fmt(avg['old'])} | "
+                             f"{_fmt(avg['new'])} |", ppl))
+    header = ["| run | round | model | new experts (all rounds) | total params | old ppl | new ppl | " + " | ".join(languages) + " |",
+              "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(languages)]
+    return "\n".join(header + [row + " " + " | ".join(_fmt(ppl.get(l)) for l in languages) + " |" for row, ppl in rows])
+
+
+def _round_reports(run_dir: Path) -> list[dict]:
+    """The evaluate reports of a run's rounds, in round order."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise LayerMoEError(f"{run_dir}: not a run directory (no config.json)")
+    names = [r["name"] for r in json.loads(config.read_text())["rounds"]]
+    reports = [run_dir / name / "evaluate" / "report.json" for name in names]
+    found = [json.loads(r.read_text()) for r in reports if r.is_file()]
+    if not found:
+        raise LayerMoEError(f"{run_dir}: no evaluate/report.json found (has the run finished a round?)")
+    return found

@@ -219,18 +219,18 @@ def run_train(config: RunConfig, round_index: int, stage: int, force: bool = Fal
     def body(out: Path | None) -> dict:
         init_deepspeed_distributed()
         marker = checkpoints / "fingerprint.json"
-        if checkpoints.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
-            log.warn(f"{checkpoints} belongs to other settings; starting {name} from scratch")
-            if distributed.current().is_main:
+        if distributed.current().is_main:  # only rank 0 looks: the others would race with its writes
+            if checkpoints.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
+                log.warn(f"{checkpoints} belongs to other settings; starting {name} from scratch")
                 shutil.rmtree(checkpoints)
-            distributed.barrier()
-        if distributed.current().is_main:
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(marker, settings)
+        distributed.barrier()
         result = train_stage(config, round_index, stage, model_in, checkpoints, out / "model" if out else None)
         if out is not None and (checkpoints / "routing_stats.json").exists():
             shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
-        return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second}
+        return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
+                "peak_memory_gib": result.peak_memory_gib}
 
     return run_stage(spec, body, force)
 

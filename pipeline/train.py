@@ -26,10 +26,13 @@ from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device
 from pipeline.config import RunConfig, StageTrainConfig, to_dict
 from pipeline.errors import LayerMoEError
+from pipeline.expert_parallel import expert_parallel_group, mark_expert_parameters, shard_model, unshard_model
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import stage_loss
 from pipeline.packing import load_tokenizer
 from pipeline.routing_stats import RoutingStats
+from pipeline.training_checkpoint import (Layout, expert_file, latest_checkpoint, load_weights, resume_other_layout,
+                                         resume_same_layout, save_checkpoint)
 from pipeline.training_data import build_stage_data, micro_batch_indices
 from pipeline.upcycle import set_trainable
 
@@ -93,6 +96,7 @@ class StageResult:
     final_loss: dict[str, float]
     tokens_per_second: float
     routing: dict
+    peak_memory_gib: float
 
 
 def train_stage(config: RunConfig, round_index: int, stage: int, model_in: Path, checkpoint_dir: Path,
@@ -102,29 +106,52 @@ def train_stage(config: RunConfig, round_index: int, stage: int, model_in: Path,
 
     settings = config.train.stage1 if stage == 1 else config.train.stage2
     dist = distributed.current()
+    layout = Layout(config.train.ep_size, dist.world_size)
+    if dist.world_size % layout.ep_size:
+        raise LayerMoEError(f"train.ep_size={layout.ep_size} does not divide the number of processes "
+                            f"({dist.world_size})")
     torch.manual_seed(config.seed)
     model = load_causal_lm(model_in, "float32", pick_device(config.model.device))
     if not isinstance(model, LayerMoEForCausalLM):
         raise LayerMoEError(f"{model_in} is a dense model; training needs the upcycled model (run upcycle first)")
+    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+    other_layout = checkpoint is not None and checkpoint.layout != layout
+    if other_layout:
+        rng_state = load_weights(model, checkpoint)
+    if layout.ep_size > 1:
+        placements = shard_model(model, expert_parallel_group(layout.ep_size))
     trainable = set_trainable(model, trainable_roles(stage, len(model.config.rounds)))
     if not trainable:
         raise LayerMoEError(f"stage {stage} has nothing to train in {model_in} (no new experts/routers/classifiers)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if layout.ep_size > 1:
+        mark_expert_parameters(model, layout.ep_size)
+        if stage == 1:  # trains experts: DeepSpeed reduces their gradients over the expert-data-parallel groups
+            _check_every_rank_trains_an_expert(model, placements, layout.ep_size)
+            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+            params = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dense"})
     model.train()
     data = build_stage_data(config, round_index, stage, load_tokenizer(model_in))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping))
-    start = _resume(engine, checkpoint_dir) if resume else 0
+    start = 0
+    if other_layout:
+        start = resume_other_layout(scheduler, checkpoint, layout, rng_state)
+    elif checkpoint is not None:
+        start = resume_same_layout(engine, checkpoint)
     log.info(f"stage {stage}: {len(trainable)} trainable tensors "
              f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters), "
-             f"{len(data.blocks)} blocks, steps {start}..{settings.steps}, world {dist.world_size}")
+             f"{len(data.blocks)} blocks, steps {start}..{settings.steps}, world {dist.world_size}, "
+             f"ep_size {layout.ep_size}")
     reporter = _Reporter(config, stage, settings, checkpoint_dir, start)
-    parts = None
-    device = engine.device
+    losses: dict[str, float] = {}
+    device = torch.device(engine.device)
     for step in range(start, settings.steps):
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(settings.gradient_accumulation):
             index = micro_batch_indices(len(data.blocks), step, micro, settings.gradient_accumulation,
                                         dist.rank, dist.world_size, settings.micro_batch_size)
@@ -138,22 +165,45 @@ def train_stage(config: RunConfig, round_index: int, stage: int, model_in: Path,
             engine.backward(parts.total)
             engine.step()
             reporter.routing.add(records, original.reshape(-1))
-        reporter.step_done(step, parts, scheduler.get_last_lr()[0], input_ids.numel() * settings.gradient_accumulation * dist.world_size)
+            for name, value in vars(parts).items():
+                if value is not None:
+                    sums[name] = sums.get(name, 0) + value.detach()
+        losses = _batch_mean(sums, settings.gradient_accumulation * dist.world_size)
+        reporter.step_done(step, losses, scheduler.get_last_lr()[0],
+                           input_ids.numel() * settings.gradient_accumulation * dist.world_size)
         if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < settings.steps:
-            _save(engine, checkpoint_dir, step + 1)
-    _save(engine, checkpoint_dir, settings.steps)
-    if export_dir is not None and dist.is_main:
-        from pipeline.checkpoint import save_expanded
-
-        engine.module.eval()
-        save_expanded(engine.module, export_dir, tokenizer_from=model_in)
+            save_checkpoint(engine, checkpoint_dir, step + 1, layout)
+    save_checkpoint(engine, checkpoint_dir, settings.steps, layout)
     distributed.barrier()
-    return StageResult(settings.steps, parts.as_floats() if parts else {}, reporter.tokens_per_second(),
-                       reporter.last_routing)
+    if export_dir is not None and dist.is_main:
+        _export(engine.module, latest_checkpoint(checkpoint_dir), export_dir, model_in)
+    distributed.barrier()
+    peak = peak_memory_gib(device)
+    log.info(f"stage {stage} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
+             f"{peak:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    return StageResult(settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device`` when it is a GPU, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _batch_mean(sums: dict[str, torch.Tensor], micro_batches: int) -> dict[str, float]:
+    """Each loss part averaged over the step's micro-batches on every rank (the loss of the global batch)."""
+    names = list(sums)  # the same order on every rank
+    if not names:
+        return {}
+    values = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]).float()) / micro_batches
+    return dict(zip(names, values.tolist()))
 
 
 def _check_finite(parts, step: int, checkpoint_dir: Path) -> None:
-    flag = torch.tensor([0.0 if torch.isfinite(parts.total) else 1.0])
+    flag = (~torch.isfinite(parts.total.detach())).float().reshape(1)
     if float(distributed.all_reduce_sum(flag)) > 0:
         latest = (checkpoint_dir / "latest").read_text().strip() if (checkpoint_dir / "latest").exists() else None
         raise TrainingDiverged(
@@ -162,22 +212,31 @@ def _check_finite(parts, step: int, checkpoint_dir: Path) -> None:
                else "No checkpoint was written yet."))
 
 
-def _save(engine, checkpoint_dir: Path, step: int) -> None:
-    engine.save_checkpoint(str(checkpoint_dir), tag=f"step{step}",
-                           client_state={"step": step, "torch_rng": torch.get_rng_state()})
-    log.info(f"checkpoint step{step} saved in {checkpoint_dir}")
+def _check_every_rank_trains_an_expert(model: LayerMoEForCausalLM, placements, ep_size: int) -> None:
+    """DeepSpeed's optimizer needs trainable expert parameters on every rank of an expert-parallel group."""
+    trained_round = len(model.config.rounds)
+    rounds = model.config.expert_rounds
+    counts = [sum(rounds[i][e] == trained_round for i, p in placements.items() for e in p.owned(rank))
+              for rank in range(ep_size)]
+    if min(counts) == 0:
+        raise LayerMoEError(f"train.ep_size={ep_size}: this round adds {sum(counts)} new experts, fewer than the "
+                            f"{ep_size} expert-parallel ranks; use train.ep_size <= {max(sum(counts), 1)}")
 
 
-def _resume(engine, checkpoint_dir: Path) -> int:
-    if not (checkpoint_dir / "latest").exists():
-        return 0
-    path, client = engine.load_checkpoint(str(checkpoint_dir))
-    if path is None:
-        raise LayerMoEError(f"cannot load the DeepSpeed checkpoint in {checkpoint_dir} (corrupt?); "
-                            f"delete the directory to start the stage over")
-    torch.set_rng_state(client["torch_rng"])
-    log.info(f"resumed from {path} at step {client['step']}")
-    return int(client["step"])
+def _export(model: LayerMoEForCausalLM, checkpoint, export_dir: Path, model_in: Path) -> None:
+    """Save the trained model as an HF directory; with expert parallelism, the experts other ranks hold come
+    from the final checkpoint's shards."""
+    from pipeline.checkpoint import save_expanded
+
+    if checkpoint.layout.ep_size > 1:
+        from safetensors.torch import load_file
+
+        shards = {}
+        for r in range(checkpoint.layout.ep_size):
+            shards.update(load_file(str(expert_file(checkpoint.tag_dir, r))))
+        unshard_model(model, shards)
+    model.eval()
+    save_expanded(model, export_dir, tokenizer_from=model_in)
 
 
 class _Reporter:
@@ -203,12 +262,11 @@ class _Reporter:
     def tokens_per_second(self) -> float:
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)
 
-    def step_done(self, step: int, parts, lr: float, tokens: int) -> None:
+    def step_done(self, step: int, values: dict[str, float], lr: float, tokens: int) -> None:
         self.tokens += tokens
         done = step + 1
         rate = self.tokens_per_second()
         eta = (self.settings.steps - done) * (time.perf_counter() - self.started) / max(done - self.start, 1)
-        values = parts.as_floats()
         weights = {"balance": self.config.train.alpha, "lpr": self.config.train.gamma, "classifier": self.config.train.beta}
         terms = " ".join(f"{k} {v:.4f}" + (f" (x{weights[k]}={weights[k] * v:.4f})" if k in weights else "")
                          for k, v in values.items() if k != "total")
@@ -237,5 +295,6 @@ class _Reporter:
 
 def describe_settings(config: RunConfig, stage: int) -> dict:
     """The config slice a training stage depends on (for its manifest)."""
-    return {"train": {k: v for k, v in to_dict(config.train).items() if k not in ("stage1", "stage2")},
+    excluded = ("stage1", "stage2", "ep_size")  # ep_size: a layout choice, checkpoints move between layouts
+    return {"train": {k: v for k, v in to_dict(config.train).items() if k not in excluded},
             "stage": to_dict(config.train.stage1 if stage == 1 else config.train.stage2), "seed": config.seed}

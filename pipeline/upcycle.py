@@ -167,6 +167,12 @@ def parameter_roles(model: LayerMoEForCausalLM) -> dict[str, list[tuple[str, tor
     return roles
 
 
+def is_new_expert_parameter(name: str) -> bool:
+    """Whether a parameter name of a LayerMoE model (``base.`` prefix optional) is a new expert's (id >= 1)."""
+    m = _MLP_KEY.match(name.removeprefix("base."))
+    return m is not None and m.group(3) is not None and int(m.group(3)) > 0
+
+
 def set_trainable(model: LayerMoEForCausalLM, trainable_roles: list[str]) -> list[str]:
     """Freeze everything except the given roles; returns the names of the trainable parameters."""
     roles = parameter_roles(model)

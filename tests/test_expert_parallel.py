@@ -16,7 +16,8 @@ from torch.multiprocessing.spawn import ProcessException
 
 from conftest import free_port
 from pipeline.expert_parallel import (DeepSpeedMoEMarker, ExpertPlacement, RemoteExpert, expert_parallel_forward,
-                                      expert_parallel_group, mark_expert_parameters, shard_block)
+                                      expert_parallel_group, mark_expert_parameters, owned_expert_state,
+                                      place_experts, shard_block, shard_model, unshard_model)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock
 
 HIDDEN, FFN = 8, 16
@@ -26,32 +27,47 @@ ATOL = RTOL = 1e-5
 
 # ---------------------------------------------------------------- placement (single process)
 
+def one_round(num_experts: int, ep_size: int) -> ExpertPlacement:
+    """The placement of a layer whose new experts all come from one round."""
+    return place_experts([[0] + [1] * (num_experts - 1)], ep_size)[0]
+
+
 @pytest.mark.parametrize("num_experts, ep_size",
                          [(2, 2), (3, 2), (4, 2), (6, 2), (7, 3), (3, 4), (2, 4), (11, 4), (5, 1), (1, 3)])
-def test_placement_splits_new_experts_into_contiguous_nearly_equal_chunks(num_experts, ep_size):
-    placement = ExpertPlacement(num_experts, ep_size)
-    chunks = [placement.owned_range(r) for r in range(ep_size)]
-    assert [e for chunk in chunks for e in chunk] == list(range(1, num_experts))  # each new expert once, in order
-    sizes = [len(c) for c in chunks]
-    assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
-    for rank, chunk in enumerate(chunks):
+def test_one_round_is_dealt_evenly(num_experts, ep_size):
+    placement = one_round(num_experts, ep_size)
+    owned = [placement.owned(r) for r in range(ep_size)]
+    assert sorted(e for chunk in owned for e in chunk) == list(range(1, num_experts))  # each new expert once
+    sizes = [len(c) for c in owned]
+    assert max(sizes) - min(sizes) <= 1
+    for rank, chunk in enumerate(owned):
         assert placement.local_experts(rank) == (0, *chunk)
-        for e in chunk:
-            assert placement.owner(e) == rank
-            assert placement.local_experts(rank)[placement.locate(e)[1]] == e
-    assert placement.locate(0) == (0, 0)
+        assert all(placement.owner(e) == rank for e in chunk)
 
 
-def test_placement_examples_and_errors():
-    assert [ExpertPlacement(6, 2).local_experts(r) for r in (0, 1)] == [(0, 1, 2, 3), (0, 4, 5)]
-    assert [ExpertPlacement(3, 4).local_experts(r) for r in range(4)] == [(0, 1), (0, 2), (0,), (0,)]
-    assert [ExpertPlacement(8, 3).locate(e) for e in (3, 4, 5, 7)] == [(0, 3), (1, 1), (1, 2), (2, 2)]
+def test_rounds_and_layers_are_spread_over_the_ranks():
+    # layer 0: 2 experts of round 1, 3 of round 2; layer 1: 1 of round 1, 1 of round 2; layer 2: 3 of round 2
+    rounds = [[0, 1, 1, 2, 2, 2], [0, 1, 2], [0, 2, 2, 2]]
+    for ep_size in (2, 3, 4):
+        placements = place_experts(rounds, ep_size)
+        for r in (1, 2):
+            per_rank = [sum(rounds[i][e] == r for i, p in enumerate(placements) for e in p.owned(rank))
+                        for rank in range(ep_size)]
+            assert max(per_rank) - min(per_rank) <= 1, (ep_size, r, per_rank)  # every stage's work is balanced
+            for i, p in enumerate(placements):  # and so is every layer's share of one round
+                in_layer = [sum(rounds[i][e] == r for e in p.owned(rank)) for rank in range(ep_size)]
+                assert max(in_layer) - min(in_layer) <= 1
+    # rank 1 gets a round-2 expert even though round 1 filled the ranks unevenly
+    assert [p.owners for p in place_experts(rounds, 2)] == [(0, 1, 1, 0, 1), (0, 0), (1, 0, 1)]
+
+
+def test_placement_errors():
     with pytest.raises(ValueError, match="no single owner"):
-        ExpertPlacement(3, 2).owner(0)
+        one_round(3, 2).owner(0)
     with pytest.raises(ValueError, match="not in an expert-parallel group"):
-        ExpertPlacement(3, 2).local_experts(2)
-    with pytest.raises(ValueError):
-        ExpertPlacement(3, 0)
+        one_round(3, 2).local_experts(2)
+    with pytest.raises(ValueError, match="do not fit"):
+        ExpertPlacement((0, 2), 2)
 
 
 # ---------------------------------------------------------------- helpers
@@ -101,7 +117,7 @@ ROUTINGS = ("random", "skewed", "all_local", "rank1_empty", "frozen")
 
 def _check_forward_backward(rank: int) -> None:
     for num_experts in (2, 3, 4, 6):
-        placement = ExpertPlacement(num_experts, 2)
+        placement = one_round(num_experts, 2)
         for seed, routing in enumerate(ROUTINGS):
             case = f"E={num_experts} {routing} rank {rank}"
             gen = torch.Generator().manual_seed(100 * num_experts + seed)
@@ -145,7 +161,7 @@ def _check_forward_backward(rank: int) -> None:
                 close(x.grad, x_ref.grad[mine], f"{case}: grad of x")
             first = 0 if rank == 0 else len(per_rank[0][1])
             close(weight.grad, weight_ref.grad[first:first + len(weight)], f"{case}: grad of the routing weights")
-            for e in placement.owned_range(rank):
+            for e in placement.owned(rank):
                 for p, p_ref in zip(experts[e].parameters(), experts_ref[e].parameters()):
                     close(grad_or_zero(p), grad_or_zero(p_ref), f"{case}: grad of expert {e}")
             if routing != "frozen":
@@ -162,10 +178,10 @@ def test_one_rank_group_is_the_local_computation():
     experts = [make_expert() for _ in range(3)]
     x = torch.randn(7, HIDDEN)
     token_index, expert_index, weight = route(torch.Generator().manual_seed(0), 7, 3, (0, 1, 2))
-    y = expert_parallel_forward(x, dict(enumerate(experts)), token_index, expert_index, weight, ExpertPlacement(3, 1))
+    y = expert_parallel_forward(x, dict(enumerate(experts)), token_index, expert_index, weight, one_round(3, 1))
     close(y, reference(x, experts, token_index, expert_index, weight), "output")
     with pytest.raises(ValueError, match="placement is for 2 ranks"):
-        expert_parallel_forward(x, dict(enumerate(experts)), token_index, expert_index, weight, ExpertPlacement(3, 2))
+        expert_parallel_forward(x, dict(enumerate(experts)), token_index, expert_index, weight, one_round(3, 2))
 
 
 # ---------------------------------------------------------------- shard_block
@@ -190,7 +206,7 @@ def _check_shard_block(rank: int) -> None:
         hidden_ref = hidden.clone().requires_grad_()
         (reference_block(hidden_ref) * probe).sum().backward()
 
-        placement = ExpertPlacement(num_experts, 2)
+        placement = one_round(num_experts, 2)
         shard_block(block, placement)
         for e in range(1, num_experts):
             assert isinstance(block.experts[e], RemoteExpert) == (e not in placement.local_experts(rank)), case
@@ -213,6 +229,37 @@ def test_sharded_block_equals_the_full_block(two_ranks):
     two_ranks("shard_block")
 
 
+def _check_shard_model(rank: int) -> None:
+    """A two-round model sharded over 2 ranks: same logits; the ranks' shards put the whole model back together."""
+    from test_moe import dense_model, perturb_experts
+
+    from pipeline.upcycle import ExpansionRound, grow, upcycle
+
+    model = grow(upcycle(dense_model(layers=3), ExpansionRound("g1", ["el"], [2, 3, 1], [1]), ["en"]),
+                 ExpansionRound("g2", ["hi"], [2, 2, 3], [1]))
+    perturb_experts(model, 0.2)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(4, 400, (4, 12), generator=torch.Generator().manual_seed(3))
+    placements = shard_model(model, dist.group.WORLD)
+    assert sorted(placements) == [0, 1, 2]
+    with torch.no_grad():
+        close(model(ids[2 * rank:2 * rank + 2]).logits, reference(ids[2 * rank:2 * rank + 2]).logits, "sharded logits")
+    shards = [None, None]
+    dist.all_gather_object(shards, owned_expert_state(model))
+    assert not set(shards[0]) & set(shards[1]) and all(shards)
+    unshard_model(model, {**shards[0], **shards[1]})
+    full = model.state_dict()
+    assert full.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(full[key], value), key
+    with torch.no_grad():  # local again: no collective, each rank alone
+        close(model(ids).logits, reference(ids).logits, "unsharded logits")
+
+
+def test_sharded_model_equals_the_full_model_and_shards_reassemble(two_ranks):
+    two_ranks("shard_model")
+
+
 # ---------------------------------------------------------------- DeepSpeed
 
 class OneBlock(nn.Module):
@@ -232,7 +279,7 @@ def _check_deepspeed(rank: int) -> None:
     group = expert_parallel_group(2)
     assert dist.get_process_group_ranks(group) == [0, 1]
     for stage in (0, 2):
-        block = make_block(4, classifier=False)  # rank 0 owns experts 1 and 2, rank 1 owns expert 3
+        block = make_block(4, classifier=False)  # rank 0 owns experts 1 and 3, rank 1 owns expert 2
         block.experts[0].requires_grad_(False)
         reference_block = copy.deepcopy(block)
         gen = torch.Generator().manual_seed(stage)
@@ -241,7 +288,7 @@ def _check_deepspeed(rank: int) -> None:
         reference_grads = {f"block.{n}": p.grad for n, p in reference_block.named_parameters() if p.requires_grad}
 
         model = OneBlock(block)
-        shard_block(block, ExpertPlacement(4, 2), group)
+        shard_block(block, one_round(4, 2), group)
         tagged = mark_expert_parameters(model, ep_size=2)
         assert tagged == (8 if rank == 0 else 4)  # 4 tensors per expert
         assert isinstance(block.deepspeed_moe_marker, DeepSpeedMoEMarker)
@@ -274,7 +321,8 @@ def test_deepspeed_reduces_expert_gradients_over_the_expert_data_parallel_group(
 
 # ---------------------------------------------------------------- one 2-process gloo run for all the checks above
 
-CHECKS = {"forward_backward": _check_forward_backward, "shard_block": _check_shard_block, "deepspeed": _check_deepspeed}
+CHECKS = {"forward_backward": _check_forward_backward, "shard_block": _check_shard_block,
+          "shard_model": _check_shard_model, "deepspeed": _check_deepspeed}
 
 
 def _worker(rank: int, port: int, results) -> None:

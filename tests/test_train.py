@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     assert (g1 / "evaluate" / "routing_g1.png").stat().st_size > 1000
     assert "Report:" in proc.stdout and "new experts in total" in proc.stdout
     compare = run_cli(["compare", str(run_dir)])
-    assert compare.returncode == 0 and "| run | g1 | 3 |" in compare.stdout
+    assert compare.returncode == 0 and "| run | g1 | g1 | 3 |" in compare.stdout
 
 
 def state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -235,28 +236,87 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("ds_config", ["ds_configs/zero1_fp32.json", "ds_configs/zero2_fp32.json"])
-def test_two_processes_match_one(train_setup, tmp_path, ds_config):
-    """Data parallel over 2 gloo ranks (ZeRO-1 / ZeRO-2) = 1 process with 2 accumulation steps."""
-    one = write_config(train_setup, tmp_path / "one", ds_config=ds_config,
-                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=2))
-    prepare(one)
-    proc = run_cli(["train", str(one), "--stage", "1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = write_config(train_setup, tmp_path / "two", ds_config=ds_config,
-                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1))
-    prepare(two)
-    env = clean_env()
+def torchrun(config: Path, stage: int, *overrides: str) -> subprocess.CompletedProcess:
+    """``stages/train.py`` on 2 gloo ranks under torchrun."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), "stages/train.py", "--config", str(two),
-                           "--stage", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "127.0.0.1", "--master_port", str(free_port()), "stages/train.py", "--config", str(config),
+                           "--stage", str(stage), *overrides], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = state(tmp_path / "one" / "g1" / "train_stage1" / "model"), state(tmp_path / "two" / "g1" / "train_stage1" / "model")
-    changed = 0
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-        changed += not torch.equal(a[key], state(tmp_path / "one" / "g1" / "upcycle" / "model")[key])
-    assert changed > 0
+    return proc
+
+
+def assert_same_weights(a: Path, b: Path, exact: bool = False) -> None:
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if exact:
+            assert torch.equal(sa[key], sb[key]), key
+        else:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("ds_config, ep_size", [("ds_configs/zero1_fp32.json", 1), ("ds_configs/zero2_fp32.json", 1),
+                                                ("ds_configs/zero1_fp32.json", 2), ("ds_configs/zero2_fp32.json", 2)])
+def test_two_processes_match_one(train_setup, tmp_path, ds_config, ep_size):
+    """2 gloo ranks = 1 process with 2 accumulation steps: data parallel (ZeRO-1 / ZeRO-2), and with ep_size=2
+    also expert parallel, with uneven experts (layer 0: 2 new experts, one per rank; layer 1: 1 new expert, so
+    one rank holds none of that layer)."""
+    one = write_config(train_setup, tmp_path / "one", ds_config=ds_config,
+                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=2),
+                       stage2=dict(steps=4, micro_batch_size=2, gradient_accumulation=2))
+    prepare(one)
+    two = write_config(train_setup, tmp_path / "two", ds_config=ds_config, ep_size=ep_size,
+                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1),
+                       stage2=dict(steps=4, micro_batch_size=2, gradient_accumulation=1))
+    prepare(two)
+    stages = (1, 2) if ep_size > 1 else (1,)  # stage 2 under expert parallelism: experts frozen but sharded
+    for stage in stages:
+        proc = run_cli(["train", str(one), "--stage", str(stage)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = torchrun(two, stage)
+        assert f"ep_size {ep_size}" in proc.stderr
+        a, b = (root / "g1" / f"train_stage{stage}" / "model" for root in (tmp_path / "one", tmp_path / "two"))
+        assert_same_weights(a, b)
+        before = state(tmp_path / "one" / "g1" / ("upcycle" if stage == 1 else "train_stage1") / "model")
+        assert any(not torch.equal(before[k], v) for k, v in state(a).items())
+        loss = [json.loads((root / "g1" / f"train_stage{stage}" / "manifest.json").read_text())["summary"]["final_loss"]
+                for root in (tmp_path / "one", tmp_path / "two")]
+        assert loss[0] == pytest.approx(loss[1], rel=1e-5)  # the last step's loss over the whole batch
+
+
+@pytest.mark.parametrize("ds_config", ["ds_configs/cpu_fp32.json", "ds_configs/zero2_fp32.json"])
+def test_expert_parallel_checkpoints_resume_and_load_into_one_process(train_setup, tmp_path, ds_config):
+    config = write_config(train_setup, tmp_path / "ep", ds_config=ds_config, ep_size=2,
+                          checkpoint_every=3, stage1=dict(steps=6, micro_batch_size=2))
+    prepare(config)
+    torchrun(config, 1)
+    g1 = tmp_path / "ep" / "g1"
+    checkpoints, exported = g1 / "train_stage1.checkpoints", g1 / "train_stage1"
+    shutil.copytree(exported / "model", tmp_path / "uninterrupted")
+    for tag in ("step3", "step6"):
+        assert {f.name for f in (checkpoints / tag).glob("experts_ep*")} == {"experts_ep0.safetensors",
+                                                                              "experts_ep1.safetensors"}
+    # interrupted after step 3: resuming with the same layout continues exactly
+    shutil.rmtree(checkpoints / "step6")
+    (checkpoints / "latest").write_text("step3")
+    shutil.rmtree(exported)
+    proc = torchrun(config, 1)
+    assert "at step 3" in proc.stderr
+    assert_same_weights(tmp_path / "uninterrupted", exported / "model", exact=True)
+    # the ep_size=2 checkpoint of step 6 in one process with ep_size=1: the same weights
+    shutil.rmtree(exported)
+    proc = run_cli(["train", str(config), "--stage", "1", "train.ep_size=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with another layout" in proc.stderr and "at step 6" in proc.stderr
+    assert_same_weights(tmp_path / "uninterrupted", exported / "model", exact=True)
+
+
+def test_ep_size_must_divide_the_number_of_processes(train_setup, tmp_path):
+    config = write_config(train_setup, tmp_path / "bad", ep_size=2)
+    prepare(config)
+    proc = run_cli(["train", str(config), "--stage", "1"])
+    assert proc.returncode == 2 and "train.ep_size=2 does not divide the number of processes (1)" in proc.stderr
 
 
 def test_nan_loss_stops_with_a_clear_message(train_setup, tmp_path):
