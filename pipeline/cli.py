@@ -38,6 +38,7 @@ def _stage_command(stage: str):
 
         config = _load(args)
         with distributed_from_env():
+            runner.claim_run_dir(config)
             rounds = [config.round_index(args.round)] if args.round else runner.ready_rounds(config)
             for r in rounds:
                 runner.STAGE_FUNCTIONS[stage](config, r, args.force)
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> None:
     config = _load(args)
     first, last = (args.only, args.only) if args.only else (args.first, args.until)
     with distributed_from_env():
-        run_pipeline(config, force=args.force, first=first, last=last)
+        run_pipeline(config, force=args.force, first=first, last=last, start_over=args.start_over)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="first", metavar="STAGE", help="start each round at this stage")
     p.add_argument("--until", metavar="STAGE", help="end each round after this stage")
     p.add_argument("--only", metavar="STAGE", help="run only this stage in each round")
+    p.add_argument("--start-over", action="store_true",
+                   help="delete the run directory first (needed when it holds a different experiment)")
     p.set_defaults(func=_run)
 
     for stage, text in (("analyze", "layer-wise similarity of new vs old languages -> similarity.json"),

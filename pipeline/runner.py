@@ -317,7 +317,47 @@ def ready_rounds(config: RunConfig) -> Iterator[int]:
         yield r
 
 
-def run_pipeline(config: RunConfig, force: bool = False, first: str | None = None, last: str | None = None) -> None:
+def experiment_identity(config: dict) -> dict:
+    """What makes two configs the same experiment (a config as a dict, as in ``<run_dir>/config.json``): the
+    base model, the languages it knows, and where the text comes from and how it is split (``data.sources``
+    are compared separately: a later round may add languages). Everything else (steps, learning rates,
+    allocation, evaluation, layout) may change between invocations: the stages it concerns re-run, as their
+    manifests record."""
+    return {"model.path": config["model"]["path"], "old_languages": config["old_languages"],
+            **{f"data.{k}": config["data"][k] for k in ("builtin_corpus", "heldout_fraction", "split_seed")}}
+
+
+def claim_run_dir(config: RunConfig, start_over: bool = False) -> None:
+    """Make ``config.run_path`` this config's run directory, refusing one made by a different experiment
+    (``experiment_identity``, and rounds that disagree on a common prefix; adding rounds is the lifelong
+    case and is fine) unless ``start_over``, which deletes it first. Writes ``config.json``."""
+    path, saved_file = config.run_path, config.run_path / "config.json"
+    if start_over and path.exists():
+        if distributed.current().is_main:
+            log.warn(f"--start-over: deleting {path}")
+            shutil.rmtree(path)
+        distributed.barrier()
+    elif saved_file.is_file():
+        saved, mine = json.loads(saved_file.read_text()), to_dict(config)
+        old, new = experiment_identity(saved), experiment_identity(mine)
+        differences = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+        differences += [f"data.sources.{lang}: {source} -> {mine['data']['sources'].get(lang)}"
+                        for lang, source in saved["data"]["sources"].items() if mine["data"]["sources"].get(lang) != source]
+        differences += [f"rounds[{i}]: {a['name']} {a['languages']} -> {b['name']} {b['languages']}"
+                        for i, (a, b) in enumerate(zip(saved["rounds"], mine["rounds"]))
+                        if (a["name"], a["languages"]) != (b["name"], b["languages"])]
+        if differences:
+            raise LayerMoEError(f"{path} holds a run of a different experiment ({'; '.join(differences)}); "
+                                f"use another name (name=...) or run_dir, or `layermoe run ... --start-over` to "
+                                f"delete it and start again")
+    if distributed.current().is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(saved_file, to_dict(config))
+    distributed.barrier()
+
+
+def run_pipeline(config: RunConfig, force: bool = False, first: str | None = None, last: str | None = None,
+                 start_over: bool = False) -> None:
     """Every stage of every ready round, in order; finished stages are skipped. ``first``/``last`` restrict
     the stages run in each round (``--from``, ``--until``; both = ``--only``). With
     ``launch.processes_per_node > 1`` the multi-process stages run under the DeepSpeed launcher."""
@@ -325,8 +365,7 @@ def run_pipeline(config: RunConfig, force: bool = False, first: str | None = Non
         if name is not None and name not in STAGES:
             raise LayerMoEError(f"unknown stage {name!r}; stages are {list(STAGES)}")
     selected = STAGES[STAGES.index(first) if first else 0: STAGES.index(last) + 1 if last else len(STAGES)]
-    config.run_path.mkdir(parents=True, exist_ok=True)
-    write_json(config.run_path / "config.json", to_dict(config))
+    claim_run_dir(config, start_over)
     processes = config.launch.processes_per_node
     for r in ready_rounds(config):
         for stage in selected:

@@ -115,3 +115,28 @@ def test_bad_config_exits_nonzero_with_one_clear_line(run_config):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "ERROR: analyze.batch_size: must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_directory_of_another_experiment_is_refused_unless_starting_over(run_config, tmp_path, capsys):
+    assert main(["run", str(run_config), "--until", "analyze"]) == 0
+    run_dir = tmp_path / "runs" / "t"
+    saved = (run_dir / "config.json").read_text()
+    # other hyper-parameters and more rounds: the same experiment, continued
+    assert main(["run", str(run_config), "--until", "analyze", "analyze.batch_size=2", f"data.sources.tr3.path={tmp_path}/data/tr.jsonl",
+                 "rounds=[{name: g1, languages: [el, hu, tr]}, {name: g2, languages: [hu2]}, {name: g3, languages: [tr3]}]"]) == 0
+    # another base-language set, another round 1, another source for a language: refused, nothing touched
+    capsys.readouterr()
+    other = ["old_languages=[en, el]", "rounds.0.languages=[hu, tr]"]
+    assert main(["run", str(run_config), "--until", "analyze", *other]) == 2
+    assert main(["analyze", str(run_config), f"data.sources.el.path={tmp_path}/data/tr.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of a different experiment (old_languages: ['en'] -> ['en', 'el']; " in err
+    assert "rounds[0]: g1 ['el', 'hu', 'tr'] -> g1 ['hu', 'tr']" in err and "--start-over" in err
+    assert "data.sources.el: " in err
+    assert json.loads((run_dir / "config.json").read_text())["rounds"][-1]["name"] == "g3"
+    assert (run_dir / "g1" / "analyze" / "similarity.json").exists()
+    # told to start over: the old run is deleted
+    assert main(["run", str(run_config), "--until", "analyze", *other, "--start-over"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["old_languages"] == ["en", "el"]
+    assert json.loads((run_dir / "g1" / "analyze" / "similarity.json").read_text())["languages"]["old"] == ["en", "el"]
+    assert saved != (run_dir / "config.json").read_text()
