@@ -31,7 +31,7 @@ from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_bloc
 from pipeline.losses import stage_loss
 from pipeline.packing import load_tokenizer
 from pipeline.routing_stats import RoutingStats
-from pipeline.training_checkpoint import (Layout, expert_file, latest_checkpoint, load_weights, resume_other_layout,
+from pipeline.training_checkpoint import (Layout, expert_shards, latest_checkpoint, load_weights, resume_other_layout,
                                          resume_same_layout, save_checkpoint)
 from pipeline.training_data import build_stage_data, micro_batch_indices
 from pipeline.upcycle import set_trainable
@@ -229,12 +229,7 @@ def _export(model: LayerMoEForCausalLM, checkpoint, export_dir: Path, model_in: 
     from pipeline.checkpoint import save_expanded
 
     if checkpoint.layout.ep_size > 1:
-        from safetensors.torch import load_file
-
-        shards = {}
-        for r in range(checkpoint.layout.ep_size):
-            shards.update(load_file(str(expert_file(checkpoint.tag_dir, r))))
-        unshard_model(model, shards)
+        unshard_model(model, expert_shards(checkpoint))
     model.eval()
     save_expanded(model, export_dir, tokenizer_from=model_in)
 

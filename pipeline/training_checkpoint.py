@@ -17,11 +17,13 @@ optimizer partitions depend on the layout; a warning says so.
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed, log
@@ -38,6 +40,14 @@ class Layout:
 
     ep_size: int
     world_size: int
+
+
+UNREADABLE = (OSError, RuntimeError, KeyError, EOFError, TypeError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def unreadable(checkpoint: SavedCheckpoint, error: Exception) -> LayerMoEError:
+    return LayerMoEError(f"cannot read checkpoint {checkpoint.tag_dir} (corrupt? {type(error).__name__}: "
+                         f"{str(error)[:200]}); delete {checkpoint.tag_dir.parent} to start the stage over")
 
 
 def expert_file(tag_dir: Path, ep_rank: int) -> Path:
@@ -75,8 +85,16 @@ def latest_checkpoint(checkpoint_dir: Path) -> SavedCheckpoint | None:
         meta = json.loads((tag_dir / "layout.json").read_text())
         return SavedCheckpoint(tag_dir, int(meta["step"]), Layout(int(meta["ep_size"]), int(meta["world_size"])))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LayerMoEError(f"checkpoint {tag_dir} is incomplete or corrupt ({e}); delete {checkpoint_dir} to start "
-                            f"the stage over") from None
+        raise LayerMoEError(f"checkpoint {tag_dir} is incomplete or corrupt (layout.json: {e}); delete "
+                            f"{checkpoint_dir} to start the stage over") from None
+
+
+def expert_shards(checkpoint: SavedCheckpoint) -> dict[str, torch.Tensor]:
+    """Every rank's experts of an expert-parallel checkpoint, by state-dict name (empty for ep_size 1)."""
+    shards: dict[str, torch.Tensor] = {}
+    for r in range(checkpoint.layout.ep_size if checkpoint.layout.ep_size > 1 else 0):
+        shards.update(load_file(str(expert_file(checkpoint.tag_dir, r))))
+    return shards
 
 
 def load_weights(model: torch.nn.Module, checkpoint: SavedCheckpoint) -> torch.Tensor:
@@ -84,12 +102,9 @@ def load_weights(model: torch.nn.Module, checkpoint: SavedCheckpoint) -> torch.T
     DeepSpeed and expert parallelism; returns the saved RNG state."""
     try:
         saved = torch.load(checkpoint.tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-        state = dict(saved["module"])
-        for r in range(checkpoint.layout.ep_size if checkpoint.layout.ep_size > 1 else 0):
-            state.update(load_file(str(expert_file(checkpoint.tag_dir, r))))
-    except (OSError, RuntimeError, KeyError, EOFError, TypeError) as e:
-        raise LayerMoEError(f"cannot read checkpoint {checkpoint.tag_dir} ({e}); delete {checkpoint.tag_dir.parent} "
-                            f"to start the stage over") from None
+        state = {**saved["module"], **expert_shards(checkpoint)}
+    except UNREADABLE as e:
+        raise unreadable(checkpoint, e) from None
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise LayerMoEError(f"checkpoint {checkpoint.tag_dir} does not match the model: missing "
@@ -100,18 +115,20 @@ def load_weights(model: torch.nn.Module, checkpoint: SavedCheckpoint) -> torch.T
 def resume_same_layout(engine, checkpoint: SavedCheckpoint) -> int:
     """Restore everything DeepSpeed saved (weights, optimizer, scheduler) plus this rank's expert shard and the
     RNG; returns the step to continue from."""
-    path, client = engine.load_checkpoint(str(checkpoint.tag_dir.parent), tag=checkpoint.tag_dir.name,
-                                          load_module_strict=checkpoint.layout.ep_size == 1)
-    if path is None:
-        raise LayerMoEError(f"cannot load the DeepSpeed checkpoint {checkpoint.tag_dir} (corrupt?); "
-                            f"delete {checkpoint.tag_dir.parent} to start the stage over")
-    if checkpoint.layout.ep_size > 1:  # rank 0's model states do not hold this rank's experts
-        ep_rank = distributed.current().rank % checkpoint.layout.ep_size
-        shard = load_file(str(expert_file(checkpoint.tag_dir, ep_rank)))
-        params = dict(engine.module.named_parameters())
-        with torch.no_grad():
-            for name, value in shard.items():
-                params[name].copy_(value)
+    try:
+        path, client = engine.load_checkpoint(str(checkpoint.tag_dir.parent), tag=checkpoint.tag_dir.name,
+                                              load_module_strict=checkpoint.layout.ep_size == 1)
+        if path is None:
+            raise OSError("DeepSpeed found no checkpoint there")
+        if checkpoint.layout.ep_size > 1:  # rank 0's model states do not hold this rank's experts
+            ep_rank = distributed.current().rank % checkpoint.layout.ep_size
+            shard = load_file(str(expert_file(checkpoint.tag_dir, ep_rank)))
+            params = dict(engine.module.named_parameters())
+            with torch.no_grad():
+                for name, value in shard.items():
+                    params[name].copy_(value)
+    except UNREADABLE as e:
+        raise unreadable(checkpoint, e) from None
     torch.set_rng_state(client["torch_rng"])
     log.info(f"resumed from {path} at step {checkpoint.step}")
     return checkpoint.step

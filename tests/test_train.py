@@ -326,3 +326,16 @@ def test_nan_loss_stops_with_a_clear_message(train_setup, tmp_path):
     assert proc.returncode == 2
     assert "non-finite loss at step" in proc.stderr and "last good checkpoint" in proc.stderr
     assert not (tmp_path / "nan" / "g1" / "train_stage1").exists()
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(train_setup, tmp_path):
+    config = write_config(train_setup, tmp_path / "corrupt", stage1=dict(steps=2))
+    prepare(config)
+    assert run_cli(["train", str(config), "--stage", "1"]).returncode == 0
+    stage_dir = tmp_path / "corrupt" / "g1" / "train_stage1"
+    shutil.rmtree(stage_dir)
+    states = tmp_path / "corrupt" / "g1" / "train_stage1.checkpoints" / "step2" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    proc = run_cli(["train", str(config), "--stage", "1"])
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and "corrupt?" in proc.stderr
+    assert "Traceback" not in proc.stderr and not stage_dir.exists()
