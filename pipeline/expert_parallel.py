@@ -232,7 +232,6 @@ def shard_block(block: LayerMoEBlock, placement: ExpertPlacement, group: dist.Pr
     block.dispatch = ExpertParallelDispatch({e: block.experts[e] for e in local}, placement, group)
 
 
-
 def shard_model(model: nn.Module, group: dist.ProcessGroup) -> dict[int, ExpertPlacement]:
     """Shard every MoE block of a ``LayerMoEForCausalLM`` over ``group`` (placement: ``place_experts`` on the
     model's ``expert_rounds``); returns the placement of each MoE layer."""
