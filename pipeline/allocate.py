@@ -12,12 +12,12 @@ expert stays dense. Methods (PAPER.md 3.2):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import AllocateConfig
+from pipeline.atomic import read_json
 from pipeline.errors import LayerMoEError
 
 
@@ -55,13 +55,11 @@ class Allocation:
 def read_allocation(path: Path) -> Allocation:
     """Read and check allocation.json."""
     path = Path(path)
-    if not path.is_file():
-        raise LayerMoEError(f"allocation file {str(path)!r} does not exist (run the allocate stage first)")
+    doc = read_json(path, "allocation file", " (run the allocate stage first)")
     try:
-        doc = json.loads(path.read_text())
         result = Allocation([int(n) for n in doc["experts_per_layer"]], [int(i) for i in doc["classifier_layers"]],
                             str(doc["method"]), doc.get("layer_scores"), doc.get("delta"), doc.get("budget"))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise LayerMoEError(f"{path}: not a valid allocation.json ({type(e).__name__}: {e})") from None
     if not result.experts_per_layer or min(result.experts_per_layer) < 1:
         raise LayerMoEError(f"{path}: experts_per_layer must be a non-empty list of counts >= 1")

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old artifact or the complete new one, never a half-written file."""
+"""Artifacts on disk: atomic writes (a reader sees the old artifact or the complete new one, never a half-written
+file) and checked JSON reads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.errors import LayerMoEError
 
 
 def _umask() -> int:
@@ -41,6 +44,18 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path, what: str, hint: str = "") -> Any:
+    """The JSON content of ``path``. A missing file or invalid JSON is a ``LayerMoEError`` naming ``what`` (e.g.
+    "allocation file") and the path; ``hint`` is appended to the missing-file message."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerMoEError(f"{what} {str(path)!r} does not exist{hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LayerMoEError(f"{what} {path} is not valid JSON ({e})") from None
 
 
 @contextlib.contextmanager

@@ -6,12 +6,12 @@ text). Everything is checked from config.json before any weight is read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.atomic import read_json
 from pipeline.errors import LayerMoEError
 
 SUPPORTED_MODEL_TYPES = {
@@ -42,10 +42,7 @@ def read_model_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise LayerMoEError(f"model directory {str(path)!r} has no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LayerMoEError(f"{cfg_file}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_file, "model config")
     model_type = cfg.get("model_type")
     if model_type == "layermoe":
         model_type = cfg.get("base_config", {}).get("model_type")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.atomic import write_text
+from pipeline.atomic import read_json, write_text
 from pipeline.errors import LayerMoEError
 
 
@@ -148,10 +148,7 @@ def compare_runs(run_dirs: list[Path]) -> str:
 
 def _round_reports(run_dir: Path) -> list[dict]:
     """The evaluate reports of a run's rounds, in round order."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise LayerMoEError(f"{run_dir}: not a run directory (no config.json)")
-    names = [r["name"] for r in json.loads(config.read_text())["rounds"]]
+    names = [r["name"] for r in read_json(run_dir / "config.json", "run config", " (not a run directory?)")["rounds"]]
     reports = [run_dir / name / "evaluate" / "report.json" for name in names]
     found = [json.loads(r.read_text()) for r in reports if r.is_file()]
     if not found:

@@ -23,7 +23,7 @@ import torch
 from pipeline import distributed, log
 from pipeline.allocate import allocate, read_allocation
 from pipeline.analyze import language_means
-from pipeline.atomic import write_json
+from pipeline.atomic import read_json, write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config, resolve_model_path
 from pipeline.checkpoint import save_expanded
 from pipeline.config import RunConfig, to_dict
@@ -338,7 +338,7 @@ def claim_run_dir(config: RunConfig, start_over: bool = False) -> None:
             shutil.rmtree(path)
         distributed.barrier()
     elif saved_file.is_file():
-        saved, mine = json.loads(saved_file.read_text()), to_dict(config)
+        saved, mine = read_json(saved_file, "run config"), to_dict(config)
         old, new = experiment_identity(saved), experiment_identity(mine)
         differences = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
         differences += [f"data.sources.{lang}: {source} -> {mine['data']['sources'].get(lang)}"

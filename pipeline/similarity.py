@@ -8,7 +8,6 @@ and language we only keep the sum of unit vectors and a token count.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from pipeline.atomic import read_json
 from pipeline.errors import LayerMoEError
 from pipeline.log import warn
 
@@ -110,14 +110,12 @@ class Similarity:
 def read_similarity(path: Path) -> Similarity:
     """Read and check similarity.json (every pair has one finite value per layer)."""
     path = Path(path)
-    if not path.is_file():
-        raise LayerMoEError(f"similarity file {str(path)!r} does not exist (run the analyze stage first)")
+    doc = read_json(path, "similarity file", " (run the analyze stage first)")
     try:
-        doc = json.loads(path.read_text())
         sim = Similarity(old=list(doc["languages"]["old"]), new=list(doc["languages"]["new"]),
                          num_layers=int(doc["num_layers"]), pairs={k: list(map(float, v)) for k, v in doc["pairs"].items()},
                          layer_scores=list(map(float, doc["layer_scores"])), aggregation=str(doc.get("aggregation", "")))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise LayerMoEError(f"{path}: not a valid similarity.json ({type(e).__name__}: {e})") from None
     for key, values in {**sim.pairs, "layer_scores": sim.layer_scores}.items():
         if len(values) != sim.num_layers or not all(math.isfinite(v) for v in values):

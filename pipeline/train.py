@@ -11,7 +11,6 @@ with the weights an uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed, log
-from pipeline.atomic import write_json
+from pipeline.atomic import read_json, write_json
 from pipeline.base_model import load_causal_lm, pick_device
 from pipeline.config import RunConfig, StageTrainConfig, to_dict
 from pipeline.errors import LayerMoEError
@@ -58,14 +57,10 @@ def lr_multiplier(step: int, settings: StageTrainConfig) -> float:
 def deepspeed_config(path: str, settings: StageTrainConfig, clipping: float) -> dict:
     """A DeepSpeed config from ``ds_configs/``, with the "auto" entries filled from our config."""
     file = Path(path)
-    if not file.is_file() and not file.is_absolute():  # ds_configs/ of this project, wherever we run from
-        file = Path(__file__).resolve().parents[1] / path
-    if not file.is_file():
-        raise LayerMoEError(f"train.ds_config: DeepSpeed config {path!r} does not exist")
-    try:
-        ds = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise LayerMoEError(f"train.ds_config: {path} is not valid JSON ({e})") from None
+    bundled = Path(__file__).resolve().parents[1] / path  # ds_configs/ of this project, wherever we run from
+    if not file.is_file() and not file.is_absolute() and bundled.is_file():
+        file = bundled
+    ds = read_json(file, "train.ds_config: DeepSpeed config")
     fill = {"train_micro_batch_size_per_gpu": settings.micro_batch_size,
             "gradient_accumulation_steps": settings.gradient_accumulation, "gradient_clipping": clipping}
     for key, value in fill.items():

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, make_tiny_model, synthetic_documents, write_jsonl
+from conftest import make_tiny_model, synthetic_documents, write_jsonl
 from pipeline import launch
 from pipeline.errors import LayerMoEError
-from pipeline.launch import StageProcessesFailed, discover_ranks, launch_stage_command, run_stage_in_processes
+from pipeline.launch import (StageProcessesFailed, discover_ranks, free_port, launch_stage_command,
+                             run_stage_in_processes)
 from test_slurm import slurm_problem
 
 ROOT = Path(__file__).resolve().parents[1]
