@@ -97,7 +97,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def ffn_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The FFN module (an MoE block in expanded layers) of every decoder layer, in layer order; its input is
-    the 'HSA' of PAPER.md 3.1."""
+    the 'HSA' of docs/method.md, 3.1."""
     layers = decoder_layers(model)
     missing = [i for i, layer in enumerate(layers) if not hasattr(layer, "mlp")]
     if missing:

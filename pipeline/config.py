@@ -74,7 +74,7 @@ class RoundConfig:
 
 @dataclass
 class AnalyzeConfig:
-    """Layer-wise similarity of FFN inputs (PAPER.md 3.1)."""
+    """Layer-wise similarity of FFN inputs (docs/method.md, 3.1)."""
 
     tokens_per_language: int = 100_000
     max_length: int = 1024  # longer documents are cut into chunks of this many tokens
@@ -84,7 +84,7 @@ class AnalyzeConfig:
 
 @dataclass
 class AllocateConfig:
-    """How similarity becomes experts per layer, and which layers get a routing classifier (PAPER.md 3.2-3.3)."""
+    """How similarity becomes experts per layer, and which layers get a routing classifier (docs/method.md, 3.2-3.3)."""
 
     method: Literal["reference", "budget", "uniform", "explicit"] = "reference"
     delta: float | None = None  # reference: N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)
@@ -98,7 +98,7 @@ class AllocateConfig:
 
 @dataclass
 class UpcycleConfig:
-    """Turning the round's input model into an MoE model (PAPER.md 2, 3.3, 3.5)."""
+    """Turning the round's input model into an MoE model (docs/method.md, 2, 3.3 and 3.5)."""
 
     top_k: int = 2
     pooling: Literal["prefix", "sequence"] = "prefix"  # what the routing classifier sees
@@ -123,7 +123,7 @@ class StageTrainConfig:
 
 @dataclass
 class TrainConfig:
-    """Both training stages (PAPER.md 2, 3.4): DeepSpeed settings, loss weights, logging, checkpoints."""
+    """Both training stages (docs/method.md, 2 and 3.4): DeepSpeed settings, loss weights, logging, checkpoints."""
 
     ds_config: str = "ds_configs/cpu_fp32.json"
     ep_size: int = 1

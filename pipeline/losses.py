@@ -1,4 +1,4 @@
-"""Training losses of the two stages (PAPER.md 2, 3.3), computed from the blocks' routing records.
+"""Training losses of the two stages (docs/method.md, 2 and 3.3), computed from the blocks' routing records.
 
 Shapes: every routing record is over the flattened ``batch * seq`` tokens of one forward; ``language_ids`` is
 ``[batch, seq]`` with indices into the run's language list.

@@ -1,4 +1,4 @@
-"""Training stages 1 and 2 with DeepSpeed (PAPER.md 2, 3.3-3.5).
+"""Training stages 1 and 2 with DeepSpeed (docs/method.md, 2 and 3.3-3.5).
 
 * stage 1: trainable = this round's new experts + routers; loss = CE + alpha * load balance; new languages.
 * stage 2: trainable = routers + classifiers; loss = CE + gamma * LPR + beta * classifier CE; new + replay.
