@@ -24,6 +24,9 @@ class ConfigError(LayerMoEError):
     """The configuration is invalid; the message starts with the field's dotted path."""
 
 
+TrainingStage = Literal[1, 2]  # training stage 1 (new experts + routers) or 2 (routers + classifiers)
+
+
 def default_cache_dir() -> Path:
     """Where built artifacts shared between runs live (converted model, corpora): $LAYERMOE_CACHE or ~/.cache/layermoe."""
     return Path(os.path.expanduser(os.environ.get("LAYERMOE_CACHE", "~/.cache/layermoe")))
@@ -139,6 +142,10 @@ class TrainConfig:
     stage1: StageTrainConfig = field(default_factory=StageTrainConfig)
     stage2: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(
         steps=30, tokens_per_language=50_000, replay_tokens_per_language=25_000))
+
+    def for_stage(self, training_stage: TrainingStage) -> StageTrainConfig:
+        """The schedule and data settings of training stage 1 or 2."""
+        return self.stage1 if training_stage == 1 else self.stage2
 
 
 @dataclass

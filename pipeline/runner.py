@@ -25,7 +25,7 @@ from pipeline.allocate import allocate, read_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import read_json, write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config, resolve_model_path
-from pipeline.checkpoint import save_expanded
+from pipeline.export import export_model
 from pipeline.config import RunConfig, to_dict
 from pipeline.corpus import iter_documents, resolve_source
 from pipeline.errors import LayerMoEError
@@ -170,11 +170,11 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
         u = config.upcycle
         allocation = read_allocation(allocation_file)
         model = load_causal_lm(model_path, config.model.dtype, "cpu")
-        plan = ExpansionRound(rnd.name, list(rnd.languages), allocation.experts_per_layer, allocation.classifier_layers)
+        expansion = ExpansionRound(rnd.name, list(rnd.languages), allocation.experts_per_layer, allocation.classifier_layers)
         summary: dict = {"experts_per_layer": None}
         if isinstance(model, LayerMoEForCausalLM):
             log.info(f"upcycle {rnd.name}: growing {model_path} by {sum(allocation.new_experts_per_layer)} experts")
-            expanded = grow(model, plan, keep_router_rows=u.keep_router_rows, seed=config.seed)
+            expanded = grow(model, expansion, keep_router_rows=u.keep_router_rows, seed=config.seed)
         else:
             log.info(f"upcycle {rnd.name}: {sum(allocation.new_experts_per_layer)} new experts, "
                      f"classifiers in layers {allocation.classifier_layers}")
@@ -182,7 +182,7 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
                                        load_tokenizer(model_path))
             with torch.no_grad():
                 dense_logits = model(sample).logits
-            expanded = upcycle(model, plan, config.old_languages, u.top_k, u.pooling, config.seed)
+            expanded = upcycle(model, expansion, config.old_languages, u.top_k, u.pooling, config.seed)
             with torch.no_grad():
                 diff = (expanded(sample).logits - dense_logits).abs().max().item()
             log.info(f"upcycle {rnd.name}: max |logit difference| to the dense model = {diff:.2e} "
@@ -194,7 +194,7 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
         summary["experts_per_layer"] = expanded.config.experts_per_layer
         summary["classifier_layers"] = expanded.config.classifier_layers
         if out is not None:
-            save_expanded(expanded, out / "model", tokenizer_from=model_path)
+            export_model(expanded, out / "model", tokenizer_from=model_path)
         return summary
 
     return run_stage(spec, body, force)

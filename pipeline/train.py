@@ -221,12 +221,12 @@ def _check_every_rank_trains_an_expert(model: LayerMoEForCausalLM, placements, e
 def _export(model: LayerMoEForCausalLM, checkpoint, export_dir: Path, model_in: Path) -> None:
     """Save the trained model as an HF directory; with expert parallelism, the experts other ranks hold come
     from the final checkpoint's shards."""
-    from pipeline.checkpoint import save_expanded
+    from pipeline.export import export_model
 
     if checkpoint.layout.ep_size > 1:
         unshard_model(model, expert_shards(checkpoint))
     model.eval()
-    save_expanded(model, export_dir, tokenizer_from=model_in)
+    export_model(model, export_dir, tokenizer_from=model_in)
 
 
 class _Reporter:

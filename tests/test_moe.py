@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
 from pipeline.base_model import load_causal_lm
-from pipeline.checkpoint import save_expanded
+from pipeline.export import export_model
 from pipeline.errors import LayerMoEError
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock, RoutingContext, moe_blocks
 from pipeline.upcycle import ExpansionRound, grow, parameter_roles, set_trainable, upcycle
@@ -163,7 +163,7 @@ def test_cache_and_no_cache_greedy_generation_agree():
 def test_save_and_load_through_both_loaders(tmp_path):
     model = upcycle(dense_model("qwen2"), ExpansionRound("g1", ["el"], [2, 3, 2], [1]), ["en"])
     perturb_experts(model)
-    out = save_expanded(model, tmp_path / "expanded")
+    out = export_model(model, tmp_path / "expanded")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "layermoe" and config["base_config"]["model_type"] == "qwen2"
     assert config["experts_per_layer"] == [2, 3, 2] and config["classifier_layers"] == [1]
@@ -192,7 +192,7 @@ def test_save_and_load_through_both_loaders(tmp_path):
 
 @pytest.mark.parametrize("experts", [[2, 2, 1], [2, 4, 1], [2, 3, 2]])
 def test_checkpoint_that_disagrees_with_its_config_is_an_error(tmp_path, experts):
-    out = save_expanded(upcycle(dense_model(), ROUND1, ["en"]), tmp_path / "m")
+    out = export_model(upcycle(dense_model(), ROUND1, ["en"]), tmp_path / "m")
     config = json.loads((out / "config.json").read_text())
     config["experts_per_layer"] = experts
     config["expert_rounds"] = [[0] * n for n in experts]
