@@ -13,6 +13,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -29,12 +30,15 @@ from pipeline.export import export_model
 from pipeline.config import RunConfig, to_dict
 from pipeline.corpus import iter_documents, resolve_source
 from pipeline.errors import LayerMoEError
+from pipeline.eval_report import EvalReport, LanguageGroups, read_report
+from pipeline.evaluate import EvalModel, evaluate_models
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.launch import MULTI_PROCESS_STAGES, run_stage_in_processes
 from pipeline.manifest import StageSpec, run_stage
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
 from pipeline.plots import plot_allocation, plot_similarity
+from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
@@ -235,63 +239,62 @@ def run_train(config: RunConfig, round_index: int, stage: int, force: bool = Fal
     return run_stage(spec, body, force)
 
 
-def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Path:
-    """evaluate: the base model and every model of the run up to this round, on every language so far."""
-    from pipeline.evaluate import EvalModel, evaluate_models
-    from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
-
-    rnd = config.rounds[round_index]
+def evaluated_models(config: RunConfig, round_index: int) -> list[EvalModel]:
+    """The models a round's evaluation scores: the base model, then each round's (stage-1 and) final model."""
     models = [EvalModel("base", round_input_model(config, 0))]
     for q in range(round_index + 1):
         name = config.rounds[q].name
         if config.evaluate.include_stage1_models:
             models.append(EvalModel(f"{name}/stage1", stage_dir(config, q, "train_stage1") / "model"))
         models.append(EvalModel(name, trained_model_dir(config, q)))
-    languages = config.languages_before(round_index + 1)
-    new_languages = [l for l in languages if l not in config.old_languages]
-    sources = {lang: resolve_source(config, lang) for lang in languages}
+    return models
+
+
+def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """evaluate: the base model and every model of the run up to this round, on every language so far."""
+    rnd = config.rounds[round_index]
+    models = evaluated_models(config, round_index)
+    known = config.languages_before(round_index + 1)
+    languages = LanguageGroups([l for l in known if l in config.old_languages],
+                               [l for l in known if l not in config.old_languages])
+    sources = {lang: resolve_source(config, lang) for lang in languages.all}
     spec = StageSpec(stage="evaluate", round_name=rnd.name, out_dir=stage_dir(config, round_index, "evaluate"),
-                     config_slice={"evaluate": to_dict(config.evaluate), "languages": languages,
+                     config_slice={"evaluate": to_dict(config.evaluate), "languages": languages.all,
                                    "models": [m.label for m in models]},
                      inputs={**{f"model:{m.label}": m.path for m in models},
                              **{f"corpus:{lang}": s.path for lang, s in sources.items()}})
-
-    def body(out: Path | None) -> dict:
-        translate = {"base"} | {config.rounds[q].name for q in range(round_index + 1)}
-        report = evaluate_models(config, models, languages, new_languages, translate)
-        report.update(run=config.name, round=rnd.name, parameters=_parameters(models))
-        if out is not None:
-            figures = ["perplexity.png"]
-            plot_perplexity(report, out / "perplexity.png")
-            for label, routing in report["routing"].items():
-                name = f"routing_{label.replace('/', '_')}.png"
-                plot_routing_heatmap(routing, f"{label}: expert load per language", out / name)
-                figures.append(name)
-            for q in range(round_index + 1):
-                for stage, png in (("analyze", "similarity.png"), ("allocate", "allocation.png")):
-                    source = stage_dir(config, q, stage) / png
-                    if source.exists():
-                        target = f"{config.rounds[q].name}_{png}"
-                        shutil.copyfile(source, out / target)
-                        figures.append(target)
-            write_json(out / "report.json", report)
-            write_report_md(report, out / "report.md", figures)
-        log.info("perplexity, base vs final model:\n" + short_table(report))
-        return {"group_average": report["group_average"]}
-
-    return run_stage(spec, body, force)
+    return run_stage(spec, functools.partial(_evaluate, config, round_index, models, languages), force)
 
 
-def _parameters(models) -> dict[str, int]:
-    """Total parameters of each model, from its config (no weights loaded)."""
-    from pipeline.plan import load_model_config, plan
+def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,
+              out: Path | None) -> dict:
+    translate = {"base"} | {config.rounds[q].name for q in range(round_index + 1)}
+    report = evaluate_models(config, models, languages, translate, config.rounds[round_index].name)
+    if out is not None:
+        figures = _report_figures(config, round_index, report, out)
+        report.write(out / "report.json")
+        write_report_md(report, out / "report.md", figures)
+    log.info("perplexity, base vs final model:\n" + short_table(report))
+    return {"group_average": report.to_json()["group_average"]}
 
-    counts = {}
-    for m in models:
-        cfg = read_model_config(m.path)
-        experts = cfg.get("experts_per_layer") or [1] * load_model_config(m.path)["num_hidden_layers"]
-        counts[m.label] = plan(load_model_config(m.path), experts, cfg.get("classifier_layers", [])).total
-    return counts
+
+def _report_figures(config: RunConfig, round_index: int, report: EvalReport, out: Path) -> list[str]:
+    """Plot the report's figures into ``out`` and copy in each round's similarity and allocation plots."""
+    figures = ["perplexity.png"]
+    plot_perplexity(report, out / "perplexity.png")
+    for label, results in report.models.items():
+        if results.routing is not None:
+            name = f"routing_{label.replace('/', '_')}.png"
+            plot_routing_heatmap(results.routing, f"{label}: expert load per language", out / name)
+            figures.append(name)
+    for q in range(round_index + 1):
+        for stage, png in (("analyze", "similarity.png"), ("allocate", "allocation.png")):
+            source = stage_dir(config, q, stage) / png
+            if source.exists():
+                target = f"{config.rounds[q].name}_{png}"
+                shutil.copyfile(source, out / target)
+                figures.append(target)
+    return figures
 
 
 STAGE_FUNCTIONS = {
@@ -375,8 +378,5 @@ def run_pipeline(config: RunConfig, force: bool = False, first: str | None = Non
                 STAGE_FUNCTIONS[stage](config, r, force)
     report = stage_dir(config, len(config.rounds) - 1, "evaluate") / "report.md"
     if report.exists() and "evaluate" in selected:
-        from pipeline.report import short_table
-
-        summary = json.loads(report.with_name("report.json").read_text())
-        print(f"\nReport: {report}\n\n{short_table(summary)}", flush=True)
+        print(f"\nReport: {report}\n\n{short_table(read_report(report.with_name('report.json')))}", flush=True)
     log.info(f"run complete: {config.run_path}")

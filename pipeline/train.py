@@ -29,7 +29,7 @@ from pipeline.expert_parallel import expert_parallel_group, mark_expert_paramete
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import stage_loss
 from pipeline.packing import load_tokenizer
-from pipeline.routing_stats import RoutingStats
+from pipeline.routing_stats import LayerRouting, RoutingStats, routing_to_json
 from pipeline.training_checkpoint import (Layout, expert_shards, latest_checkpoint, load_weights, resume_other_layout,
                                          resume_same_layout, save_checkpoint)
 from pipeline.training_data import build_stage_data, micro_batch_indices
@@ -90,7 +90,7 @@ class StageResult:
     steps: int
     final_loss: dict[str, float]
     tokens_per_second: float
-    routing: dict
+    routing: dict[int, LayerRouting]  # the last interval's statistics, by MoE layer
     peak_memory_gib: float
 
 
@@ -236,7 +236,7 @@ class _Reporter:
         self.config, self.stage, self.settings, self.work_dir = config, stage, settings, work_dir
         self.start, self.started, self.tokens = start, time.perf_counter(), 0
         self.routing = RoutingStats()
-        self.last_routing: dict = {}
+        self.last_routing: dict[int, LayerRouting] = {}
         self.history: list[dict] = []
         self.bar = None
         if sys.stderr.isatty() and distributed.current().is_main:
@@ -278,7 +278,7 @@ class _Reporter:
         log.info(f"stage {self.stage} routing @ step {step}: {self.routing.one_line()}")
         self.last_routing = self.routing.summary()
         if distributed.current().is_main:
-            self.history.append({"step": step, "layers": self.last_routing})
+            self.history.append({"step": step, "layers": routing_to_json(self.last_routing)})
             write_json(self.work_dir / "routing_stats.json", self.history)
         self.routing = RoutingStats()
 
