@@ -30,6 +30,7 @@ from typing import Sequence
 
 from pipeline import log
 from pipeline.config import RunConfig
+from pipeline.ds_config import deepspeed_config, precision
 from pipeline.errors import LayerMoEError
 
 LOOPBACK = "127.0.0.1"
@@ -213,16 +214,14 @@ def gpus_on_node() -> int:
 
 def gpu_requirement(config: RunConfig) -> str | None:
     """Why ``config`` cannot run without GPUs, or None when it can."""
-    from pipeline.train import deepspeed_config
-
     if config.launch.require_gpus:
         return "launch.require_gpus is true"
     if config.model.device.startswith("cuda"):
         return f"model.device is {config.model.device!r}"
     ds = deepspeed_config(config.train.ds_config, config.train.stage1, config.train.gradient_clipping)
-    for precision in ("bf16", "fp16"):
-        if ds.get(precision, {}).get("enabled"):
-            return f"train.ds_config {config.train.ds_config} enables {precision} (on CPU: ds_configs/cpu_fp32.json)"
+    ds_precision = precision(ds)
+    if ds_precision != "fp32":
+        return f"train.ds_config {config.train.ds_config} enables {ds_precision} (on CPU: ds_configs/cpu_fp32.json)"
     return None
 
 
