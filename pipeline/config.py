@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import LayerMoEError
+from pipeline.libreoffice_corpus import SUPPORTED_LANGUAGES
 
 
 class ConfigError(LayerMoEError):
@@ -359,8 +360,6 @@ def known_languages(config: RunConfig) -> set[str]:
     """Languages that have a text source: configured sources plus, if enabled, the built-in corpus."""
     known = set(config.data.sources)
     if config.data.builtin_corpus == "libreoffice":
-        from pipeline.libreoffice_corpus import SUPPORTED_LANGUAGES
-
         known |= set(SUPPORTED_LANGUAGES)
     return known
 

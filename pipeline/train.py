@@ -40,7 +40,7 @@ from pipeline.expert_parallel import (ExpertPlacement, expert_parallel_group, ma
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, RoutingRecord, moe_blocks
 from pipeline.losses import LossParts, stage_loss
 from pipeline.packing import load_tokenizer
-from pipeline.launch import LOOPBACK, discover_ranks, free_port, use_local_device
+from pipeline.ranks import LOOPBACK, discover_ranks, free_port, use_local_device
 from pipeline.routing_stats import LayerRouting, RoutingStats, routing_to_json
 from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, expert_shards, latest_checkpoint,
                                           save_checkpoint)

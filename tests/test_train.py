@@ -17,7 +17,7 @@ import torch
 from conftest import make_tiny_model, synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
-from pipeline.launch import free_port
+from pipeline.ranks import free_port
 from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
 from pipeline.upcycle import parameter_roles
 
