@@ -441,5 +441,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data form of a config object (for manifests and the saved copy of the run's config)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Plain-data form of a config or settings object (for manifests and the saved copy of the run's config):
+    dataclasses become dicts, their paths strings; anything else is returned as it is."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    return dataclasses.asdict(obj, dict_factory=lambda fields: {k: str(v) if isinstance(v, Path) else v
+                                                                for k, v in fields})

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import read_json, write_json
+from pipeline.atomic import read_json
 from pipeline.errors import LayerMoEError
 from pipeline.routing_stats import LayerRouting, routing_from_json, routing_to_json
 
@@ -169,10 +169,6 @@ class EvalReport:
             return cls(str(doc["run"]), str(doc["round"]), languages, models)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LayerMoEError(f"{source}: not a valid evaluation report ({type(e).__name__}: {e})") from None
-
-    def write(self, path: Path) -> None:
-        """Write report.json (atomically)."""
-        write_json(path, self.to_json())
 
 
 def read_report(path: Path) -> EvalReport:

@@ -7,7 +7,6 @@ an input, including an upstream artifact, re-runs it and, through its changed ou
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import platform
@@ -79,19 +78,6 @@ class StageSpec:
     @property
     def label(self) -> str:
         return f"{self.round_name}/{self.stage}"
-
-
-def plain_data(settings: Any) -> Any:
-    """JSON-ready form of a stage's settings: dataclasses become dicts (recursively), paths strings."""
-    if dataclasses.is_dataclass(settings):
-        return {f.name: plain_data(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
-    if isinstance(settings, dict):
-        return {key: plain_data(value) for key, value in settings.items()}
-    if isinstance(settings, (list, tuple)):
-        return [plain_data(value) for value in settings]
-    if isinstance(settings, Path):
-        return str(settings)
-    return settings
 
 
 def fingerprint(config_slice: dict[str, Any], input_hashes: dict[str, str]) -> str:

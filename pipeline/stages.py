@@ -24,7 +24,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -34,14 +34,14 @@ from pipeline.analyze import language_means
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
-                             UpcycleConfig)
-from pipeline.corpus import LanguageSource, iter_documents, resolve_source
+                             UpcycleConfig, to_dict)
+from pipeline.corpus import LanguageSource, iter_documents, language_documents, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups
 from pipeline.evaluate import EvalModel, evaluate_models
 from pipeline.export import export_model
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
-from pipeline.manifest import StageSpec, plain_data, run_stage
+from pipeline.manifest import StageSpec, run_stage
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
 from pipeline.plots import plot_allocation, plot_similarity
@@ -59,7 +59,7 @@ def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs:
     """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``), with ``settings`` (a
     dataclass, or a dict) as the manifest's config slice."""
     spec = StageSpec(stage=stage, round_name=config.rounds[round_index].name,
-                     out_dir=stage_dir(config, round_index, stage), config_slice=plain_data(settings), inputs=inputs)
+                     out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs)
     return run_stage(spec, body, force)
 
 
@@ -73,13 +73,6 @@ class HeldoutSplit:
 
     heldout_fraction: float
     seed: int
-
-    @classmethod
-    def of(cls, config: RunConfig) -> HeldoutSplit:
-        return cls(config.data.heldout_fraction, config.data.split_seed)
-
-    def train_documents(self, source: LanguageSource) -> Iterator[str]:
-        return iter_documents(source, "train", self.heldout_fraction, self.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,7 +96,8 @@ def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Pat
     """analyze: similarity.json + similarity.png for one round."""
     old, new = config.languages_before(round_index), list(config.rounds[round_index].languages)
     model_path = round_input_model(config, round_index)
-    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype, HeldoutSplit.of(config),
+    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype,
+                               HeldoutSplit(config.data.heldout_fraction, config.data.split_seed),
                                {lang: resolve_source(config, lang) for lang in old + new})
     body = functools.partial(_analyze, settings, config.rounds[round_index].name, model_path, config.model.device)
     return _run(config, round_index, "analyze", settings, {"model": model_path, **_corpus_inputs(settings.sources)},
@@ -111,11 +105,12 @@ def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Pat
 
 
 def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, device: str, out: Path | None) -> dict:
-    a, old, new = settings.analyze, settings.old, settings.new
+    a, old, new, split = settings.analyze, settings.old, settings.new, settings.split
     device = pick_device(device)
     log.info(f"analyze: loading {model_path} ({settings.model_dtype}, {device})")
     model = load_causal_lm(model_path, settings.model_dtype, device)
-    documents = {lang: settings.split.train_documents(source) for lang, source in settings.sources.items()}
+    documents = {lang: iter_documents(source, "train", split.heldout_fraction, split.seed)
+                 for lang, source in settings.sources.items()}
     means, counts = language_means(model, load_tokenizer(model_path), documents, a.tokens_per_language, a.max_length,
                                    a.batch_size, a.include_special_tokens)
     pairs = pairwise_similarities(means)
@@ -196,10 +191,9 @@ class UpcycleSettings:
 
 def verification_text(config: RunConfig, languages: list[str], tokenizer, tokens: int = 96) -> torch.Tensor:
     """A short real sample (the start of the first document of each language) for function-preservation checks."""
-    split = HeldoutSplit.of(config)
     ids = []
     for lang in languages:
-        document = next(split.train_documents(resolve_source(config, lang)))
+        document = next(language_documents(config, lang, "train"))
         ids += tokenizer(document)["input_ids"][: tokens // len(languages)]
     return torch.tensor([ids])
 
@@ -343,7 +337,7 @@ def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], lang
     report = evaluate_models(config, models, languages, translate, config.rounds[round_index].name)
     if out is not None:
         figures = _report_figures(config, round_index, report, out)
-        report.write(out / "report.json")
+        write_json(out / "report.json", report.to_json())
         write_report_md(report, out / "report.md", figures)
     log.info("perplexity, base vs final model:\n" + short_table(report))
     return {"group_average": report.to_json()["group_average"]}
