@@ -3,7 +3,9 @@ and every expanded model of the run so far; report.json, report.md and plots.
 
 All models are scored on the same held-out blocks (the models share the base tokenizer), so perplexities are
 directly comparable. Group averages follow the paper: old = the base model's languages, new = every language
-added by an expansion round.
+added by an expansion round. Languages with out-of-domain text (``data.ood_sources``, the built-in
+debian-reference manual for the old languages) are also scored on it: text from a domain no training data
+uses, so forgetting cannot hide behind the domain the new experts learn.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, read_model_config
 from pipeline.config import RunConfig
-from pipeline.corpus import builtin_corpus, language_documents, resolve_source
+from pipeline.corpus import builtin_corpus, language_documents, ood_documents, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
-from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, TranslationExample,
-                                  TranslationScore)
+from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, RoundLanguages,
+                                  TranslationExample, TranslationScore)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
 from pipeline.manifest import hash_path
@@ -62,18 +64,35 @@ class LanguageScore:
                    None if routing is None else routing_from_json(routing))
 
 
+def _evaluation_blocks(config: RunConfig, lang: str, documents, tokenizer, what: str, remedy: str) -> torch.Tensor:
+    """Up to ``evaluate.tokens_per_language`` tokens of ``documents`` in blocks ``[n, block_length]``."""
+    e = config.evaluate
+    docs = ((0, text) for text in documents)
+    try:
+        return pack_documents(docs, tokenizer, e.block_length, [lang], max(1, e.tokens_per_language // e.block_length)).input_ids
+    except LayerMoEError:
+        raise LayerMoEError(f"evaluate: language {lang!r} has less {what} text than one block of {e.block_length} "
+                            f"tokens; lower evaluate.block_length or {remedy}") from None
+
+
 def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
     """Per language, up to ``evaluate.tokens_per_language`` held-out tokens in blocks ``[n, block_length]``."""
-    e = config.evaluate
+    return {lang: _evaluation_blocks(config, lang, language_documents(config, lang, "heldout"), tokenizer, "held-out",
+                                     "raise data.heldout_fraction") for lang in languages}
+
+
+def ood_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
+    """Per language of ``languages`` that has out-of-domain text, up to ``evaluate.tokens_per_language`` of its
+    tokens (documents that also occur in the training text removed) in blocks ``[n, block_length]``."""
     blocks = {}
     for lang in languages:
-        docs = ((0, text) for text in language_documents(config, lang, "heldout"))
-        try:
-            packed = pack_documents(docs, tokenizer, e.block_length, [lang], max(1, e.tokens_per_language // e.block_length))
-        except LayerMoEError:
-            raise LayerMoEError(f"evaluate: language {lang!r} has less held-out text than one block of {e.block_length} "
-                                f"tokens; lower evaluate.block_length or raise data.heldout_fraction") from None
-        blocks[lang] = packed.input_ids
+        if ood_source(config, lang) is None:
+            continue
+        documents, removed = ood_documents(config, lang)
+        log.info(f"evaluate: {lang} out-of-domain text: {len(documents)} documents"
+                 + (f" ({removed} dropped: they occur in the training text)" if removed else ""))
+        blocks[lang] = _evaluation_blocks(config, lang, documents, tokenizer, "out-of-domain",
+                                          f"configure more text in data.ood_sources.{lang}")
     return blocks
 
 
@@ -191,7 +210,8 @@ def evaluate_models(config: RunConfig, models: list[EvalModel], languages: Langu
         started = time.perf_counter()
         results[m.label] = _evaluate_model(scoring, m, m.label in translate_labels)
         log.info(f"evaluate {m.label}: done in {time.perf_counter() - started:.0f}s")
-    return EvalReport(config.name, round_name, languages, results)
+    rounds = [RoundLanguages(r.name, list(r.languages)) for r in config.rounds[:config.round_index(round_name) + 1]]
+    return EvalReport(config.name, round_name, languages, results, rounds)
 
 
 class _Scoring:
@@ -201,14 +221,20 @@ class _Scoring:
     def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer):
         self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
         self.blocks = heldout_blocks(config, languages.all, tokenizer)
+        self.ood_blocks = ood_blocks(config, languages.all, tokenizer)
         self.cache = ResultCache(config.run_path / ".evaluate_cache")
         self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in languages.all}
+        self.ood_hashes = {lang: hash_path(ood_source(config, lang).path) for lang in self.ood_blocks}
         self.split = (config.data.heldout_fraction, config.data.split_seed, self.settings.tokens_per_language,
                       self.settings.block_length)
 
     def perplexity_key(self, model_path: Path, lang: str) -> str:
         return self.cache.key(model_path, "perplexity", lang, self.corpus_hashes[lang], self.split,
                               lang in self.languages.old)
+
+    def ood_perplexity_key(self, model_path: Path, lang: str) -> str:
+        return self.cache.key(model_path, "ood_perplexity", lang, self.ood_hashes[lang], self.corpus_hashes[lang],
+                              self.split)
 
     def translation_key(self, model_path: Path, lang: str) -> str:
         e = self.settings
@@ -220,28 +246,36 @@ def _evaluate_model(scoring: _Scoring, m: EvalModel, translate: bool) -> ModelRe
     """Perplexity and routing on every language, translation if asked, harness tasks, parameter count of one
     model; it is loaded only if some result is not in the cache."""
     model = functools.cache(functools.partial(load_causal_lm, m.path))
-    perplexity, routing = {}, {}
+    perplexity, routing, ood_perplexity = {}, {}, {}
     for lang in scoring.languages.all:
         score = _language_score(scoring, model, m, lang)
         perplexity[lang] = score.perplexity
         if score.routing is not None:
             routing[lang] = score.routing
         log.info(f"evaluate {m.label}: {lang} perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
+    for lang in scoring.ood_blocks:
+        score = _language_score(scoring, model, m, lang, ood=True)
+        ood_perplexity[lang] = score.perplexity
+        log.info(f"evaluate {m.label}: {lang} out-of-domain perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
     model_config = read_model_config(m.path)
     experts = ExpertLayout(model_config["experts_per_layer"], model_config["classifier_layers"],
                            sum(n - 1 for n in model_config["experts_per_layer"])) if routing else None
     translation = (_translations(scoring, model, m) if translate and scoring.settings.translation_sentences > 0
                    else None)
     harness = run_harness(m.path, scoring.settings.harness_tasks)
-    return ModelResults(perplexity, harness, parameter_count(m.path), routing or None, experts, translation)
+    return ModelResults(perplexity, ood_perplexity, harness, parameter_count(m.path), routing or None, experts,
+                        translation)
 
 
-def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel, lang: str) -> LanguageScore:
-    key = scoring.perplexity_key(m.path, lang)
+def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel, lang: str,
+                    ood: bool = False) -> LanguageScore:
+    """One language's score (held-out, or out-of-domain with ``ood``), from the cache or computed."""
+    key = scoring.ood_perplexity_key(m.path, lang) if ood else scoring.perplexity_key(m.path, lang)
     cached = scoring.cache.get(key)
     if cached is not None:
         return LanguageScore.from_json(cached)
-    score = score_language(model(), scoring.blocks[lang], lang in scoring.languages.old, scoring.settings.batch_size)
+    blocks = scoring.ood_blocks[lang] if ood else scoring.blocks[lang]
+    score = score_language(model(), blocks, lang in scoring.languages.old, scoring.settings.batch_size)
     scoring.cache.put(key, score.to_json())
     return score
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import distributed, log
-from pipeline.allocate import allocate, read_allocation
+from pipeline.allocate import allocate, read_allocation, write_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
@@ -44,7 +44,7 @@ from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.manifest import StageSpec, run_stage
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
-from pipeline.plots import plot_allocation, plot_similarity
+from pipeline.plots import plot_similarity
 from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
 from pipeline.run_dir import round_input_model, stage_dir, trained_model_dir
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
@@ -65,6 +65,15 @@ def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs:
 
 def _corpus_inputs(sources: dict[str, LanguageSource]) -> dict[str, Path]:
     return {f"corpus:{lang}": source.path for lang, source in sources.items()}
+
+
+def _skipped_for_dense(config: RunConfig, round_index: int, stage: str) -> Path | None:
+    """For a dense baseline (``expansion`` other than moe) the stages that build the MoE model do not apply: log
+    that and return the (absent) stage directory; None for the MoE expansion."""
+    if config.expansion == "moe":
+        return None
+    log.info(f"{config.rounds[round_index].name}/{stage}: skipped (expansion {config.expansion} trains the dense model)")
+    return stage_dir(config, round_index, stage)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,8 @@ class AnalyzeSettings:
 
 def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
     """analyze: similarity.json + similarity.png for one round."""
+    if (skipped := _skipped_for_dense(config, round_index, "analyze")) is not None:
+        return skipped
     old, new = config.languages_before(round_index), list(config.rounds[round_index].languages)
     model_path = round_input_model(config, round_index)
     settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype,
@@ -140,6 +151,8 @@ class AllocateSettings:
 
 def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Path:
     """allocate: allocation.json + allocation.png for one round, from that round's similarity.json."""
+    if (skipped := _skipped_for_dense(config, round_index, "allocate")) is not None:
+        return skipped
     settings = AllocateSettings(config.allocate_for(round_index))
     model_path = round_input_model(config, round_index)
     similarity_file = stage_dir(config, round_index, "analyze") / "similarity.json"
@@ -165,12 +178,8 @@ def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, si
              f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
     log.info("parameter plan (top-2):\n" + format_plan(params))
     if out is not None:
-        write_json(out / "allocation.json", result.to_json(
-            aggregation=settings.allocate.aggregation, round=rnd.name, new_languages=rnd.languages,
-            parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total}))
-        plot_allocation(result.experts_per_layer, result.classifier_layers,
-                        f"{rnd.name}: {sum(result.new_experts_per_layer)} new experts ({result.method})",
-                        out / "allocation.png")
+        write_allocation(out, result, settings.allocate, rnd.name, round=rnd.name, new_languages=rnd.languages,
+                         parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total})
     return {"total_new_experts": sum(result.new_experts_per_layer), "classifier_layers": result.classifier_layers}
 
 
@@ -201,6 +210,8 @@ def verification_text(config: RunConfig, languages: list[str], tokenizer, tokens
 def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Path:
     """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
     model, checked to compute the same logits; later rounds: grow the previous round's model)."""
+    if (skipped := _skipped_for_dense(config, round_index, "upcycle")) is not None:
+        return skipped
     settings = UpcycleSettings(config.upcycle, config.seed, config.model.dtype, config.old_languages)
     model_path = round_input_model(config, round_index)
     allocation_file = stage_dir(config, round_index, "allocate") / "allocation.json"
@@ -251,9 +262,13 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
 
 
 def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, force: bool = False) -> Path:
-    """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory."""
+    """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory. Stage 1
+    starts from the upcycled model (a dense baseline: from the round's input model)."""
     name = f"train_stage{training_stage}"
-    model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
+    if training_stage == 1 and config.expansion != "moe":
+        model_in = round_input_model(config, round_index)
+    else:
+        model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
     if not model_in.is_dir():
         raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: input model {model_in} does not exist; run "
                             f"the earlier stages first")
@@ -290,7 +305,7 @@ def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, s
     if out is not None and (checkpoints / "routing_stats.json").exists():
         shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
-            "peak_memory_gib": result.peak_memory_gib}
+            "peak_memory_gib": result.peak_memory_gib, "trained_parameters": result.trained_parameters}
 
 
 # ----------------------------------------------------------------------------------------------------------

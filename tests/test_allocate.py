@@ -33,14 +33,15 @@ def test_reference_through_allocate_keeps_contract_fields():
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_budget_is_exact_with_one_new_expert_per_layer(seed):
+def test_budget_is_exact_with_the_floor_of_new_experts_per_layer(seed):
     rng = random.Random(seed)
     layers = rng.randint(1, 40)
+    floor = seed % 3  # 0: a layer may stay dense
     scores = [rng.uniform(0.01, 0.5) for _ in range(layers)]
-    budget = rng.randint(layers, 6 * layers)
-    experts = budget_allocation(scores, budget)
+    budget = rng.randint(max(floor * layers, 1), 6 * layers)
+    experts = budget_allocation(scores, budget, floor)
     assert sum(n - 1 for n in experts) == budget
-    assert min(experts) >= 2
+    assert min(experts) >= 1 + floor
     # less similar layers never get fewer experts than more similar ones
     order = sorted(range(layers), key=lambda i: scores[i])
     assert all(experts[a] >= experts[b] for a, b in zip(order, order[1:]))
@@ -49,6 +50,9 @@ def test_budget_is_exact_with_one_new_expert_per_layer(seed):
 def test_budget_matches_proportions_when_they_divide_evenly():
     # 1/S = 4, 2, 2 -> rest 8 shared 4:2:2
     assert budget_allocation([0.25, 0.5, 0.5], 11) == [1 + 1 + 4, 1 + 1 + 2, 1 + 1 + 2]
+    # without a floor: 4 new experts shared 2:1:1; 2 shared 1:0.5:0.5 -> the tie of remainders goes to the lower index
+    assert budget_allocation([0.25, 0.5, 0.5], 4, 0) == [3, 2, 2]
+    assert budget_allocation([0.25, 0.5, 0.5], 2, 0) == [2, 2, 1]
 
 
 def test_uniform_and_explicit():
@@ -66,7 +70,7 @@ def test_classifier_layers_are_the_most_similar_moe_layers():
 
 @pytest.mark.parametrize("settings, scores, layers, message", [
     (AllocateConfig(method="reference", delta=10), [0.1] * 28, 28, "smaller than the number of layers"),
-    (AllocateConfig(method="budget", budget=5), [0.1] * 6, 6, "smaller than the number of layers"),
+    (AllocateConfig(method="budget", budget=5), [0.1] * 6, 6, "smaller than min_new_experts x layers"),
     (AllocateConfig(method="reference", delta=50), [0.1, -0.2, 0.3], 3, "positive"),
     (AllocateConfig(method="reference", delta=50), [0.1, 0.0, 0.3], 3, "positive"),
     (AllocateConfig(method="explicit", explicit=[2, 2]), None, 3, "has 2 entries"),

@@ -18,7 +18,8 @@ from conftest import make_tiny_model, synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
 from pipeline.ranks import free_port
-from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
+from pipeline.config import TrainConfig
+from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, reduce_layers, stage_loss
 from pipeline.upcycle import parameter_roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,17 +41,22 @@ def record(logits, indices, valid=None, classifier_logits=None, sent=None) -> Ro
                          None if sent is None else torch.tensor(sent))
 
 
-def test_load_balance_by_hand():
-    r = record([[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]], [[0, 1], [0, 2]])
-    # f = slots (2, 1, 1) / 4; P = mean of (1/3,1/3,1/3) and (1/2,1/4,1/4)
-    f = torch.tensor([0.5, 0.25, 0.25])
-    p = torch.tensor([(1 / 3 + 1 / 2) / 2, (1 / 3 + 1 / 4) / 2, (1 / 3 + 1 / 4) / 2])
-    assert load_balance(r).item() == pytest.approx(3 * float((f * p).sum()), rel=1e-6)
-    # perfect balance is 1 whatever E is
-    for e in (2, 3, 5):
-        logits = torch.zeros(e, e).tolist()
-        idx = [[i % e, (i + 1) % e] for i in range(e)]
-        assert load_balance(record(logits, idx)).item() == pytest.approx(1.0, rel=1e-6)
+def test_load_balance_forms_by_hand():
+    logits = [[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]]
+    r = record(logits, [[0, 1], [0, 2]])
+    # by hand, per slot: f[j][e] = share of the 2 tokens whose j-th choice is e; P_e = mean router probability
+    probs = [[1 / 3, 1 / 3, 1 / 3], [1 / 2, 1 / 4, 1 / 4]]
+    p = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
+    f = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
+    reference = 3 * sum(f[j][e] * p[e] for j in range(2) for e in range(3))
+    assert load_balance(r, "reference").item() == pytest.approx(reference, rel=1e-6)
+    assert load_balance(r, "normalized").item() == pytest.approx(reference / 2, rel=1e-6)  # divided by k
+    # uniform routing: k (reference) or 1 (normalized), whatever E is
+    for e, k in ((2, 2), (3, 2), (5, 2), (5, 3), (4, 1)):
+        idx = [[(i + j) % e for j in range(k)] for i in range(e)]
+        uniform = record(torch.zeros(e, e).tolist(), idx)
+        assert load_balance(uniform, "reference").item() == pytest.approx(k, rel=1e-6)
+        assert load_balance(uniform, "normalized").item() == pytest.approx(1.0, rel=1e-6)
     # padding and classifier-gated tokens do not count
     gated = record([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]], [[0, 1], [0, 2]], valid=[True, True], sent=[False, True],
                    classifier_logits=[[0.0, 1.0], [1.0, 0.0]])
@@ -68,11 +74,50 @@ def test_lpr_forms_by_hand():
     assert lpr(r, torch.tensor([False] * 3)).item() == 0.0
 
 
-def test_classifier_and_ce_by_hand():
-    r = record([[0.0, 0.0]] * 2, [[0, 1]] * 2, classifier_logits=[[2.0, 0.0], [0.0, 0.0]], sent=[True, False])
-    original = torch.tensor([True, False])  # labels OLD, NEW
-    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
-    assert classifier_loss(r, original).item() == pytest.approx(expected, rel=1e-6)
+def test_lpr_reductions_by_hand():
+    """Three MoE layers, E = 2, 2, 4: ``layers`` averages the three; ``expert_groups`` averages the two E=2 layers,
+    then that with the E=4 layer (the authors' LayerMoE code, as reported)."""
+    torch.manual_seed(0)
+    records = {i: record(torch.randn(4, e).tolist(), [[0, 1]] * 4) for i, e in ((0, 2), (3, 2), (5, 4))}
+    original = torch.tensor([[True, False], [True, True]])
+    flat = original.reshape(-1)
+    per_layer = {i: float(-torch.log_softmax(r.router_logits[flat], -1)[:, 0].mean()) for i, r in records.items()}
+    logits, ids = torch.randn(2, 2, 7), torch.randint(0, 7, (2, 2))
+    by_layers = stage_loss(2, logits, ids, records, original, TrainConfig(lpr_reduction="layers"))
+    by_groups = stage_loss(2, logits, ids, records, original, TrainConfig(lpr_reduction="expert_groups"))
+    assert by_layers.lpr.item() == pytest.approx(sum(per_layer.values()) / 3, rel=1e-6)
+    assert by_groups.lpr.item() == pytest.approx(((per_layer[0] + per_layer[3]) / 2 + per_layer[5]) / 2, rel=1e-6)
+    # equal expert counts everywhere: the two reductions agree
+    same = {i: record(r.router_logits.tolist(), [[0, 1]] * 4) for i, r in records.items() if i != 5}
+    assert (reduce_layers({i: torch.tensor(per_layer[i]) for i in same}, {0: 2, 3: 2}, "expert_groups").item()
+            == pytest.approx((per_layer[0] + per_layer[3]) / 2))
+
+
+def test_classifier_labels_by_hand():
+    # 2 sequences x 3 tokens; the second starts with padding; languages change inside both
+    original = torch.tensor([[True, True, False], [False, True, False]])
+    valid = [True, True, True, False, True, True]
+    cls = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, -5.0], [0.0, 3.0], [1.0, 0.0]]
+    r = record([[0.0, 0.0]] * 6, [[0, 1]] * 6, valid=valid, classifier_logits=cls, sent=[False] * 6)
+    ce = lambda logits, label: -math.log(math.exp(logits[label]) / sum(math.exp(v) for v in logits))
+    OLD_, NEW_ = 0, 1
+    # token: every valid token with its own label, mean over the 5 valid tokens
+    token_labels = [OLD_, OLD_, NEW_, None, OLD_, NEW_]
+    expected_token = sum(ce(cls[t], token_labels[t]) for t in range(6) if valid[t]) / 5
+    assert classifier_loss(r, original, "token").item() == pytest.approx(expected_token, rel=1e-6)
+    # sequence: sequence 0 is labelled OLD (its first token), sequence 1 OLD (its first VALID token, position 1);
+    # mean over each sequence's valid tokens, then over the 2 sequences
+    seq0 = (ce(cls[0], OLD_) + ce(cls[1], OLD_) + ce(cls[2], OLD_)) / 3
+    seq1 = (ce(cls[4], OLD_) + ce(cls[5], OLD_)) / 2
+    assert classifier_loss(r, original, "sequence").item() == pytest.approx((seq0 + seq1) / 2, rel=1e-6)
+    # with the reference's pooling every position of a sequence has the same logits: one CE per sequence
+    same = [cls[0]] * 3 + [cls[4]] * 3
+    r = record([[0.0, 0.0]] * 6, [[0, 1]] * 6, valid=valid, classifier_logits=same, sent=[False] * 6)
+    assert classifier_loss(r, original, "sequence").item() == pytest.approx((ce(cls[0], OLD_) + ce(cls[4], OLD_)) / 2,
+                                                                            rel=1e-6)
+
+
+def test_ce_by_hand():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3)  # p(target=2) = 3/6
     ids = torch.tensor([[1, 2, 3]])
@@ -83,10 +128,12 @@ def test_stage_loss_combines_terms():
     r = record([[1.0, 0.0, 0.5]] * 4, [[0, 2]] * 4, classifier_logits=[[0.3, 0.1]] * 4, sent=[True] * 4)
     logits, ids = torch.randn(1, 4, 7), torch.randint(0, 7, (1, 4))
     original = torch.tensor([[True, False, True, True]])
-    s1 = stage_loss(1, logits, ids, {0: r}, original, alpha=0.5)
+    s1 = stage_loss(1, logits, ids, {0: r}, original, TrainConfig(alpha=0.5))
     assert s1.total.item() == pytest.approx(s1.ce.item() + 0.5 * s1.balance.item())
-    s2 = stage_loss(2, logits, ids, {0: r}, original, gamma=0.2, beta=0.3)
+    s2 = stage_loss(2, logits, ids, {0: r}, original, TrainConfig(gamma=0.2, beta=0.3))
     assert s2.total.item() == pytest.approx(s2.ce.item() + 0.2 * s2.lpr.item() + 0.3 * s2.classifier.item())
+    dense = stage_loss(2, logits, ids, {}, original, TrainConfig())  # a dense baseline: CE only
+    assert dense.total.item() == dense.ce.item() and dense.lpr is None and dense.balance is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,6 +215,18 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
         for (name, p0), (_, p1) in zip(before[role], after[role]):
             assert torch.equal(p0, p1), name
     assert any(not torch.equal(p0, p1) for (_, p0), (_, p1) in zip(before["experts_round1"], after["experts_round1"]))
+
+    # the classifiers act from stage 2 on: stage 1 has no classifier figures, and every expert of the classifier
+    # layers (here all MoE layers) got tokens in stage 1
+    assert upcycled.config.classifiers_active is False and stage1.config.classifiers_active is False
+    assert stage2.config.classifiers_active is True
+    stats1 = json.loads((g1 / "train_stage1" / "routing_stats.json").read_text())
+    assert all(v["classifier_accuracy"] is None and v["dead_experts"] == 0 for s in stats1 for v in s["layers"].values())
+    assert "classifier acc" not in proc.stderr.split("stage 2")[0]
+    manifest1 = json.loads((g1 / "train_stage1" / "manifest.json").read_text())
+    assert manifest1["summary"]["trained_parameters"] == {
+        "experts_round1": sum(p.numel() for _, p in after["experts_round1"]),
+        "routers": sum(p.numel() for _, p in after["routers"])}
 
     # stage 2 trains routers + classifiers only
     s1_roles, s2_roles = dict(parameter_roles(stage1)), dict(parameter_roles(stage2))
@@ -340,3 +399,39 @@ def test_a_corrupt_checkpoint_is_a_clear_error(train_setup, tmp_path):
     proc = run_cli(["train", str(config), "--stage", "1"])
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and "corrupt?" in proc.stderr
     assert "Traceback" not in proc.stderr and not stage_dir.exists()
+
+
+@pytest.mark.parametrize("expansion", ["dense_full", "dense_ffn", "lora"])
+def test_dense_baselines_train_the_dense_model(train_setup, tmp_path, expansion):
+    """The dense baselines skip analyze/allocate/upcycle, train the dense model's own weights (all, the FFNs, or
+    LoRA adapters merged at export) in both stages on CE, and export plain dense HF models that evaluate."""
+    run_dir = tmp_path / expansion
+    config = write_config(train_setup, run_dir, stage1=dict(steps=3), stage2=dict(steps=2, lr=0.003))
+    proc = run_cli(["run", str(config), f"expansion={expansion}", "train.lora.rank=4"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    g1 = run_dir / "g1"
+    assert not (g1 / "analyze").exists() and not (g1 / "upcycle").exists()
+    assert "g1/upcycle: skipped (expansion" in proc.stderr
+    base, s1, s2 = (state(p) for p in (train_setup / "dense", g1 / "train_stage1" / "model", g1 / "train_stage2" / "model"))
+    assert base.keys() == s1.keys() == s2.keys()  # plain dense models (LoRA merged)
+    assert json.loads((g1 / "train_stage2" / "model" / "config.json").read_text())["model_type"] == "llama"
+    changed = {k for k in base if not torch.equal(base[k], s1[k])}
+    mlp = {k for k in base if ".mlp." in k}
+    if expansion == "dense_ffn":
+        assert changed == mlp
+    elif expansion == "dense_full":
+        assert changed == set(base)
+    else:  # LoRA on every linear layer but the LM head: their weights moved, norms and embeddings did not
+        assert changed and all(k.endswith("proj.weight") for k in changed)
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1)  # stage 2 trains the same parameters
+    trained = json.loads((g1 / "train_stage1" / "manifest.json").read_text())["summary"]["trained_parameters"]
+    dense = load_causal_lm(train_setup / "dense")
+    everything = sum(p.numel() for p in dense.parameters())
+    expected = {"dense_full": everything,
+                "dense_ffn": sum(p.numel() for n, p in dense.named_parameters() if ".mlp." in n),
+                # rank 4 x (in + out) per adapted linear layer: q, k, v, o, gate, up, down of both layers
+                "lora": 4 * sum(m.in_features + m.out_features for n, m in dense.named_modules()
+                                    if isinstance(m, torch.nn.Linear) and n != "lm_head")}[expansion]
+    assert trained == {expansion: expected}
+    report = json.loads((g1 / "evaluate" / "report.json").read_text())
+    assert list(report["perplexity"]) == ["base", "g1/stage1", "g1"] and "experts" not in report or not report["experts"]
