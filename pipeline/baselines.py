@@ -17,7 +17,7 @@ layermoe_budget    LayerMoE at MoE-LPR's budget: as many new experts as moe_lpr 
 The dense methods have no stage-specific parameters: "stage 2" trains the same parameters on the stage-2 mix
 (new languages + replay) with CE alone, at the stage-1 learning rate (the stage-2 rate is sized for routers).
 Each report holds the stage-1 and the final model (``evaluate.include_stage1_models``), so each method is shown
-with and without stage 2. After a run its training checkpoints are deleted (they only serve to resume an
+with and without stage 2; the few-shot translation test is off (the comparison reads perplexities). After a run its training checkpoints are deleted (they only serve to resume an
 interrupted stage) unless ``keep_checkpoints``. The comparison (``pipeline.method_comparison``) goes to
 ``<output>/comparison.md``, ``comparison.json`` and ``comparison.png``.
 """
@@ -85,9 +85,9 @@ def _round1(config: RunConfig) -> str:
 
 def run_overrides(config: RunConfig, method: Method, seed: int, output: Path, layers: int) -> list[str]:
     """The overrides of one (method, seed) run: its name and directory, the seed, round 1 only, the stage-1
-    model evaluated too, and the method's own."""
+    model evaluated too, no translation test (the comparison reads perplexities), and the method's own."""
     return [f"name={method.name}-s{seed}", f"run_dir={output}/{{name}}", f"seed={seed}", _round1(config),
-            "evaluate.include_stage1_models=true", *method.overrides(config, layers)]
+            "evaluate.include_stage1_models=true", "evaluate.translation_sentences=0", *method.overrides(config, layers)]
 
 
 def run_baselines(config_file: Path, overrides: list[str], seeds: list[int], methods: list[str], output: Path,
