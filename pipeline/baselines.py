@@ -12,6 +12,8 @@ moe_lpr            MoE-LPR: 2 experts per layer (1 new), no classifier (``alloca
 layermoe           LayerMoE with the config's allocation (the default job: reference, delta 45, 7 classifiers)
 layermoe_budget    LayerMoE at MoE-LPR's budget: as many new experts as moe_lpr (one per layer), shared by
                    similarity with no floor (``allocate.method: budget``, ``min_new_experts: 0``), 7 classifiers
+layermoe_recipe    ``layermoe`` with ``recipe: reference`` (the authors' loss forms and pooling); not run by
+                   default, it measures what the project's defaults change
 =================  ==========================================================================================
 
 The dense methods have no stage-specific parameters: "stage 2" trains the same parameters on the stage-2 mix
@@ -35,7 +37,7 @@ from typing import Callable
 from pipeline import log
 from pipeline.atomic import write_json, write_text
 from pipeline.base_model import read_model_config, resolve_model_path
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RECIPES, RunConfig, load_config
 from pipeline.errors import LayerMoEError
 from pipeline.method_comparison import compare_methods, methods_markdown, plot_gain_vs_forgetting
 
@@ -68,6 +70,10 @@ def _layermoe_budget(config: RunConfig, layers: int) -> list[str]:
     return ["allocate.method=budget", f"allocate.budget={layers * (UNIFORM_EXPERTS - 1)}", "allocate.min_new_experts=0"]
 
 
+def _layermoe_recipe(config: RunConfig, layers: int) -> list[str]:
+    return [f"{key}={value}" for key, value in RECIPES["reference"].items()]
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dense_full", _dense("dense_full")),
     Method("dense_ffn", _dense("dense_ffn")),
@@ -75,7 +81,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("moe_lpr", _moe_lpr),
     Method("layermoe", _layermoe),
     Method("layermoe_budget", _layermoe_budget),
+    Method("layermoe_recipe", _layermoe_recipe),
 )}
+DEFAULT_METHODS = [name for name in METHODS if name != "layermoe_recipe"]
 
 
 def _round1(config: RunConfig) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import log
 from pipeline.allocate import allocate_from_similarity_file
-from pipeline.baselines import METHODS, run_baselines
+from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
 from pipeline.config import AllocateConfig, validate_allocate, default_cache_dir, load_config, to_dict
 from pipeline.default_model import ensure_default_model
 from pipeline.distributed import distributed_from_env
@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baselines", help="LayerMoE vs dense, LoRA and MoE-LPR baselines on round 1, over seeds")
     _add_config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                   help=f"default: all of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
+                   help=f"default: {', '.join(DEFAULT_METHODS)}; also: "
+                        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}")
     p.add_argument("--output", default="runs/baselines", help="directory of the runs and the comparison")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's training checkpoints")
     p.set_defaults(func=_baselines)

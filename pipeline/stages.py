@@ -35,7 +35,7 @@ from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
                              UpcycleConfig, to_dict)
-from pipeline.corpus import LanguageSource, iter_documents, language_documents, resolve_source
+from pipeline.corpus import LanguageSource, iter_documents, language_documents, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups
 from pipeline.evaluate import EvalModel, evaluate_models
@@ -341,9 +341,10 @@ def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Pa
                                [l for l in known if l not in config.old_languages])
     settings = EvaluateSettings(config.evaluate, languages.all, [m.label for m in models])
     sources = {lang: resolve_source(config, lang) for lang in languages.all}
+    ood = {f"ood:{lang}": source.path for lang in languages.all if (source := ood_source(config, lang)) is not None}
     body = functools.partial(_evaluate, config, round_index, models, languages)
     return _run(config, round_index, "evaluate", settings,
-                {**{f"model:{m.label}": m.path for m in models}, **_corpus_inputs(sources)}, body, force)
+                {**{f"model:{m.label}": m.path for m in models}, **_corpus_inputs(sources), **ood}, body, force)
 
 
 def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,
