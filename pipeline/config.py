@@ -450,6 +450,8 @@ def validate(config: RunConfig) -> RunConfig:
              "counts must be >= 0")
     t = config.train
     _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
+    _require(t.ep_size == 1 or config.expansion == "moe", "train.ep_size",
+             f"expert parallelism needs experts; expansion {config.expansion!r} trains a dense model (use 1)")
     _require(t.lora.rank >= 1, "train.lora.rank", "must be >= 1")
     _require(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
     _require(bool(t.lora.target_modules), "train.lora.target_modules", "must name at least one module")

@@ -167,29 +167,32 @@ def methods_markdown(rows: list[MethodRow]) -> str:
 
 
 def plot_gain_vs_forgetting(rows: list[MethodRow], path: Path, title: str = "") -> None:
-    """New-language gain (x) against old-language out-of-domain change (y; in-domain where there is no
-    out-of-domain text) per method, mean ± std as error bars; filled = stage 1 + 2, open = stage 1 only."""
+    """New-language gain (x) against old-language out-of-domain change (y; held-out where there is no
+    out-of-domain text) per method, mean ± std as error bars; filled = stage 1 + 2, open = stage 1 only. The y
+    axis is linear within ±2% (where "within 1% of base" is decided) and logarithmic beyond."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = {}
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    colors: dict[str, str] = {}
+    uses_ood = all(r.old_ood_change is not None for r in rows)
     for r in rows:
         color = colors.setdefault(r.method, f"C{len(colors) % 10}")
-        y = r.old_ood_change or r.old_change
+        y = r.old_ood_change if uses_ood else r.old_change
         final = r.kind == "final"
-        ax.errorbar(r.new_gain.mean, y.mean, xerr=r.new_gain.std, yerr=y.std, fmt="o" if final else "s",
-                    color=color, mfc=color if final else "white", ms=7, capsize=3,
-                    label=r.method if final or not any(o.method == r.method and o.kind == "final" for o in rows) else None)
-        ax.annotate(r.method + ("" if final else " (stage 1)"), (r.new_gain.mean, y.mean), textcoords="offset points",
-                    xytext=(6, 5), fontsize=7, color=color)
+        ax.errorbar(r.new_gain.mean, y.mean, xerr=r.new_gain.std, yerr=y.std, fmt="o" if final else "s", color=color,
+                    mfc=color if final else "white", ms=7, capsize=3, lw=1.2,
+                    label=f"{r.method} ({'stage 1 + 2' if final else 'stage 1 only'})")
     ax.axhline(0, color="gray", lw=0.8)
-    ax.axhspan(-1, 1, color="green", alpha=0.08, label="old language within 1% of base")
-    uses_ood = all(r.old_ood_change is not None for r in rows)
+    ax.axhspan(-1, 1, color="green", alpha=0.1, label="within 1% of the base model")
+    ax.set_yscale("symlog", linthresh=2)
+    ax.set_yticks([t for t in (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200)
+                   if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]])
+    ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}")
     ax.set_xlabel("new-language gain: mean perplexity reduction vs base (%)")
-    ax.set_ylabel(f"old-language {'out-of-domain' if uses_ood else 'held-out'} perplexity change vs base (%)")
-    n = sorted({r.new_gain.n for r in rows})
-    ax.set_title(title or f"gain vs forgetting (mean ± std over {'/'.join(map(str, n))} seeds; filled: stage 1 + 2, "
-                          f"open: stage 1 only)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.set_ylabel(f"old-language {'out-of-domain' if uses_ood else 'held-out'} perplexity change vs base (%)\n"
+                  "(linear within ±2%, logarithmic beyond)")
+    n = "/".join(map(str, sorted({r.new_gain.n for r in rows})))
+    ax.set_title(title or f"new-language gain vs old-language forgetting (mean ± std over {n} seeds)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
     plt.close(fig)

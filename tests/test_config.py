@@ -74,10 +74,11 @@ def test_round_allocate_override(tmp_path):
     ("expansion=full", r"^expansion: 'full' is not one of"),
     ("train.balance_form=slots", r"^train\.balance_form: 'slots' is not one of"),
     ("train.lora.rank=0", r"^train\.lora\.rank: must be >= 1"),
+    ("expansion=lora train.ep_size=2", r"^train\.ep_size: expert parallelism needs experts"),
 ])
 def test_errors_name_the_field(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path), [override])
+        load_config(write(tmp_path), override.split(" "))
 
 
 def test_missing_required_and_file_errors(tmp_path):

@@ -266,7 +266,11 @@ def test_growth_appends_copies_of_the_original_and_preserves_round1_when_new_exp
     round1 = upcycle(dense_model(), ROUND1, ["en"])
     perturb_experts(round1, 0.2)
     before = {k: v.clone() for k, v in round1.state_dict().items()}
+    round1.set_classifiers_active(True)  # as round 1's stage 2 left it
     round2 = grow(round1, ExpansionRound("g2", ["hi"], [2, 2, 3], [1]), keep_router_rows=True)
+    # round 2's stage 1 routes without classifiers, so its experts in classifier layers get tokens
+    assert round2.config.classifiers_active is False and round1.config.classifiers_active is True
+    round1.set_classifiers_active(False)  # below: both models route the same way
     assert round2.config.experts_per_layer == [3, 4, 3]
     assert round2.config.expert_rounds == [[0, 1, 2], [0, 1, 1, 2], [0, 2, 2]]
     assert round2.config.classifier_layers == [1] and [r["name"] for r in round2.config.rounds] == ["g1", "g2"]
