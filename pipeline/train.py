@@ -146,6 +146,7 @@ def train_stage(config: RunConfig, round_index: int, stage: int, model_in: Path,
     losses: dict[str, float] = {}
     device = torch.device(engine.device)
     for step in range(start, settings.steps):
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (engine.step moves the schedule on)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(settings.gradient_accumulation):
             index = micro_batch_indices(len(data.blocks), step, micro, settings.gradient_accumulation,
@@ -164,8 +165,7 @@ def train_stage(config: RunConfig, round_index: int, stage: int, model_in: Path,
                 if value is not None:
                     sums[name] = sums.get(name, 0) + value.detach()
         losses = _batch_mean(sums, settings.gradient_accumulation * dist.world_size)
-        reporter.step_done(step, losses, scheduler.get_last_lr()[0],
-                           input_ids.numel() * settings.gradient_accumulation * dist.world_size)
+        reporter.step_done(step, losses, lr, input_ids.numel() * settings.gradient_accumulation * dist.world_size)
         if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < settings.steps:
             save_checkpoint(engine, checkpoint_dir, step + 1, layout)
     save_checkpoint(engine, checkpoint_dir, settings.steps, layout)
