@@ -122,3 +122,13 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def train_setup(tmp_path_factory, tokenizer_dir) -> Path:
+    """Training runs: 2-layer tiny Llamas ``dense`` and ``dense_dropout`` (attention dropout 0.3: randomness in every
+    training step) and 300 documents each of en, el, hu."""
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_model(root / "dense", "llama", tokenizer_dir, seed=2, layers=2)
+    make_tiny_model(root / "dense_dropout", "llama", tokenizer_dir, seed=2, layers=2, attention_dropout=0.3)
+    for lang in ("en", "el", "hu"):
+        write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 300, seed=11))
+    return root
