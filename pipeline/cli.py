@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline import log
 from pipeline.allocate import allocate_from_similarity_file
 from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
-from pipeline.config import AllocateConfig, validate_allocate, default_cache_dir, load_config, to_dict
+from pipeline.config import AllocateConfig, default_cache_dir, load_config, to_dict, validate_allocate
 from pipeline.default_model import ensure_default_model
 from pipeline.distributed import distributed_from_env
 from pipeline.errors import LayerMoEError

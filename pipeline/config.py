@@ -491,7 +491,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def apply_recipe(data: dict) -> None:
     """Fill the settings of ``data["recipe"]`` (``RECIPES``; default ``project``) that the raw config data does
     not set itself, so that the YAML and ``key=value`` overrides still win over the preset."""
-    preset = RECIPES.get(data.get("recipe", "project"))
+    recipe = data.get("recipe", "project")
+    preset = RECIPES.get(recipe) if isinstance(recipe, str) else None
     if preset is None:
         return  # an unknown recipe is reported by from_dict, naming the field
     for key, value in preset.items():
