@@ -93,9 +93,11 @@ def _round1(config: RunConfig) -> str:
 
 def run_overrides(config: RunConfig, method: Method, seed: int, output: Path, layers: int) -> list[str]:
     """The overrides of one (method, seed) run: its name and directory, the seed, round 1 only, the stage-1
-    model evaluated too, no translation test (the comparison reads perplexities), and the method's own."""
+    model evaluated too, no translation test (the comparison reads perplexities), one evaluation cache for all
+    runs (its keys hash the model's content, so the base model is scored once), and the method's own."""
     return [f"name={method.name}-s{seed}", f"run_dir={output}/{{name}}", f"seed={seed}", _round1(config),
-            "evaluate.include_stage1_models=true", "evaluate.translation_sentences=0", *method.overrides(config, layers)]
+            "evaluate.include_stage1_models=true", "evaluate.translation_sentences=0",
+            f"evaluate.cache_dir={output}/.evaluate_cache", *method.overrides(config, layers)]
 
 
 def run_baselines(config_file: Path, overrides: list[str], seeds: list[int], methods: list[str], output: Path,

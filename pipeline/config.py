@@ -184,6 +184,7 @@ class EvaluateConfig:
     translation_max_new_tokens: int = 48
     parallel_file: str | None = None  # jsonl with {"en": ..., "<lang>": ...}; default: the built-in corpus's set
     harness_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (needs local data)
+    cache_dir: str | None = None  # scored results (keyed by model content); default: <run_dir>/.evaluate_cache
 
 
 @dataclass

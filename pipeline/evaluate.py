@@ -222,7 +222,8 @@ class _Scoring:
         self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
         self.blocks = heldout_blocks(config, languages.all, tokenizer)
         self.ood_blocks = ood_blocks(config, languages.all, tokenizer)
-        self.cache = ResultCache(config.run_path / ".evaluate_cache")
+        self.cache = ResultCache(Path(self.settings.cache_dir) if self.settings.cache_dir
+                                 else config.run_path / ".evaluate_cache")
         self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in languages.all}
         self.ood_hashes = {lang: hash_path(ood_source(config, lang).path) for lang in self.ood_blocks}
         self.split = (config.data.heldout_fraction, config.data.split_seed, self.settings.tokens_per_language,
