@@ -59,6 +59,7 @@ def test_upcycled_model_with_distinct_experts_equals_a_per_token_reference(model
     logits equal those of the same model whose MoE blocks are replaced by the per-token reference (softmax,
     ``torch.topk``, renormalise; the classifier on the prefix mean of the valid tokens)."""
     model = upcycle(dense_model(model_type), ExpansionRound("g1", ["el"], [4, 3, 1], [1]), ["en"])
+    model.set_classifiers_active(True)  # as training stage 2 leaves it
     perturb_experts(model, 0.3)
     for block in moe_blocks(model).values():
         if block.classifier is not None:
