@@ -191,7 +191,8 @@ def plot_gain_vs_forgetting(rows: list[MethodRow], path: Path, title: str = "") 
     ax.set_ylabel(f"old-language {'out-of-domain' if uses_ood else 'held-out'} perplexity change vs base (%)\n"
                   "(linear within ±2%, logarithmic beyond)")
     n = "/".join(map(str, sorted({r.new_gain.n for r in rows})))
-    ax.set_title(title or f"new-language gain vs old-language forgetting (mean ± std over {n} seeds)", fontsize=10)
+    seeds = f"{n} seed{'' if n == '1' else 's'}"
+    ax.set_title(title or f"new-language gain vs old-language forgetting (mean ± std over {seeds})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
