@@ -58,3 +58,12 @@ def barrier() -> None:
     """Wait for all ranks (no-op in a single process)."""
     if current().world_size > 1:
         dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """``obj`` as rank 0 has it, on every rank (``obj`` itself in a single process); a picklable object."""
+    if current().world_size > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj

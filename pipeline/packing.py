@@ -51,10 +51,15 @@ def _sentencepiece_tokenizer(model_file: Path):
     return SentencePieceBackend(vocab_file=str(model_file), **special)
 
 
+def needs_separator(ids: list[int], eos_token_id: int | None) -> bool:
+    """Whether a document's tokenizer output gets an EOS appended as the separator (see ``encode_document``)."""
+    return eos_token_id is not None and (not ids or ids[-1] != eos_token_id)
+
+
 def encode_document(tokenizer, text: str) -> list[int]:
     """Token ids of one document: BOS if the tokenizer adds one, the text, then EOS as a separator."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+    if needs_separator(ids, tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
     return ids
 
