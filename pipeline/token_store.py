@@ -3,17 +3,16 @@
 A store is a directory ``<cache>/tokens/<language>-<split>-<key digest>/`` named by everything that decides its
 content (:class:`StoreKey`): the tokenizer's files, the source's content, the split settings, the encoding rule
 and this format's version. So runs and rounds share it, and an expanded model (which copies the tokenizer files)
-finds the store its base model's run made. Layout::
+finds the store its base model's run made. Layout (numpy ``.npy`` files, as Megatron and nanoGPT keep token ids)::
 
-    meta.json              key, counts of documents and tokens per part, dtype, vocab size, created_at
-    part-00000/ids.npy     token ids of the part's documents, concatenated (uint16, or uint32 above 65,535 ids)
-    part-00000/offsets.npy int64 [documents + 1]: document d is ids[offsets[d]:offsets[d + 1]]
-    part-00000/separator.npy bool [documents]: an EOS was appended to the tokenizer's output as the separator
-    part-00001/ ...
+    meta.json      key, counts of documents and tokens, dtype, vocab size, created_at
+    ids.npy        the token ids of all documents, concatenated (uint16, or uint32 above 65,535 ids)
+    offsets.npy    int64 [documents + 1]: document d is ids[offsets[d]:offsets[d + 1]]
+    separator.npy  bool [documents]: an EOS was appended to the tokenizer's output as the separator
 
-Every part is a run of whole documents in corpus order, so the store's token stream (the parts one after the
-other) is exactly what ``packing.iter_packed`` concatenates: ``packing.encode_document`` of each document. The
-parts are kept as they were written (no concatenated copy); one reader maps global positions onto them.
+The token stream ``ids`` is exactly what ``packing.iter_packed`` concatenates: ``packing.encode_document`` of each
+document, in corpus order. While a store is being made, its documents collect in parts of the same three arrays
+(``part-<i>/`` of a work directory, see ``tokenize_corpus``); :func:`concatenate_parts` joins them.
 """
 
 from __future__ import annotations
@@ -33,10 +32,10 @@ from pipeline.manifest import hash_file
 FORMAT_VERSION = 1
 ENCODING = "encode_document/1: BOS if the tokenizer adds one, the text, EOS appended unless the text ends with it"
 META = "meta.json"
-PART_FILES = ("ids.npy", "offsets.npy", "separator.npy")
 # Files that decide how a tokenizer encodes text (an expanded model copies them byte for byte).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
+_COPY_CHUNK = 16 * 2**20
 
 
 def tokenizer_fingerprint(path: Path) -> str:
@@ -56,10 +55,6 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65_535 else np.dtype(np.uint32)
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
 @dataclass(frozen=True)
 class StoreKey:
     """Everything that decides a store's content; its digest names the store's directory."""
@@ -74,7 +69,6 @@ class StoreKey:
     text_sample_by: str
     heldout_fraction: float
     split_seed: int
-    shard_chars: int  # documents are cut into parts of about this many characters
     encoding: str = ENCODING
     format_version: int = FORMAT_VERSION
 
@@ -87,36 +81,22 @@ class StoreKey:
 
 
 @dataclass(frozen=True)
-class PartInfo:
-    documents: int
-    tokens: int
-
-
-@dataclass(frozen=True)
 class StoreMeta:
     """The content of ``meta.json``."""
 
     key: StoreKey
+    documents: int
+    tokens: int
     dtype: str
     vocab_size: int
-    parts: tuple[PartInfo, ...]
     source_path: str
     created_at: str
-
-    @property
-    def documents(self) -> int:
-        return sum(p.documents for p in self.parts)
-
-    @property
-    def tokens(self) -> int:
-        return sum(p.tokens for p in self.parts)
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "key": dataclasses.asdict(self.key), "digest": self.key.digest(),
                 "documents": self.documents, "tokens": self.tokens, "dtype": self.dtype,
                 "vocab_size": self.vocab_size, "tokenizer_fingerprint": self.key.tokenizer,
-                "source_path": self.source_path, "parts": [dataclasses.asdict(p) for p in self.parts],
-                "created_at": self.created_at}
+                "source_path": self.source_path, "created_at": self.created_at}
 
     @classmethod
     def read(cls, store_dir: Path) -> StoreMeta:
@@ -126,22 +106,38 @@ class StoreMeta:
             if data["format_version"] != FORMAT_VERSION:
                 raise LayerMoEError(f"token store {str(store_dir)!r} has format version {data['format_version']}, "
                                     f"this code reads version {FORMAT_VERSION}; delete it to tokenize again")
-            return cls(StoreKey(**data["key"]), data["dtype"], int(data["vocab_size"]),
-                       tuple(PartInfo(int(p["documents"]), int(p["tokens"])) for p in data["parts"]),
-                       data["source_path"], data["created_at"])
+            return cls(StoreKey(**data["key"]), int(data["documents"]), int(data["tokens"]), data["dtype"],
+                       int(data["vocab_size"]), data["source_path"], data["created_at"])
         except (KeyError, TypeError, ValueError) as e:
             raise LayerMoEError(f"token store metadata {path} is corrupt ({type(e).__name__}: {e})") from None
 
 
-# ------------------------------------------------------------------------------------------- parts
+# ------------------------------------------------------------------------------------------- arrays on disk
 
 
-def write_part(part_dir: Path, ids: np.ndarray, lengths: np.ndarray, separator: np.ndarray) -> None:
-    """Write one part's three arrays into the (new, empty) directory ``part_dir``."""
+@dataclass(frozen=True)
+class TokenArrays:
+    """The three arrays of a store or of one part, memory-mapped (read-only)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    separator: np.ndarray
+
+    @property
+    def documents(self) -> int:
+        return len(self.separator)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+def write_arrays(directory: Path, ids: np.ndarray, lengths: np.ndarray, separator: np.ndarray) -> None:
+    """Write a part's (or a small store's) three arrays into ``directory``."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    for name, array in zip(PART_FILES, (ids, offsets, separator.astype(np.bool_))):
-        with (part_dir / name).open("wb") as f:
+    for name, array in (("ids.npy", ids), ("offsets.npy", offsets), ("separator.npy", separator.astype(np.bool_))):
+        with (directory / name).open("wb") as f:
             np.save(f, array, allow_pickle=False)
 
 
@@ -159,45 +155,61 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
         raise LayerMoEError(f"token store file {path} is corrupt (unreadable header: {e})") from None
 
 
-def _open_array(path: Path, dtype: np.dtype, length: int) -> np.ndarray:
-    """Memory-map a 1-d ``.npy`` file, checking its header (dtype, length) and its exact size on disk."""
+def _open_array(path: Path, dtype: np.dtype, length: int | None = None) -> np.ndarray:
+    """Memory-map a 1-d ``.npy`` file, checking its header (dtype; length, if given) and its exact size on disk."""
     shape, fortran, file_dtype, header_end = _read_header(path)
-    if file_dtype != dtype or shape != (length,) or fortran:
-        raise LayerMoEError(f"token store file {path} is corrupt: holds {file_dtype} {shape}, "
-                            f"meta.json says {dtype} ({length},)")
-    expected = header_end + length * dtype.itemsize
+    if file_dtype != dtype or len(shape) != 1 or fortran or (length is not None and shape[0] != length):
+        expected = f"{dtype} ({'n' if length is None else length},)"
+        raise LayerMoEError(f"token store file {path} is corrupt: holds {file_dtype} {shape}, expected {expected}")
+    expected_size = header_end + shape[0] * dtype.itemsize
     size = path.stat().st_size
-    if size != expected:
-        raise LayerMoEError(f"token store file {path} is {'truncated' if size < expected else 'corrupt'}: "
-                            f"{size:,} bytes, expected {expected:,}")
-    if length == 0:
+    if size != expected_size:
+        raise LayerMoEError(f"token store file {path} is {'truncated' if size < expected_size else 'corrupt'}: "
+                            f"{size:,} bytes, expected {expected_size:,}")
+    if shape[0] == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=header_end, shape=(length,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=header_end, shape=shape)
 
 
-@dataclass(frozen=True)
-class _Part:
-    ids: np.ndarray
-    offsets: np.ndarray
-    separator: np.ndarray
+def open_arrays(directory: Path, dtype: np.dtype, documents: int | None = None,
+                tokens: int | None = None) -> TokenArrays:
+    """Memory-map the three arrays in ``directory``, checking headers, sizes, each other and the counts given."""
+    ids = _open_array(directory / "ids.npy", dtype, tokens)
+    separator = _open_array(directory / "separator.npy", np.dtype(np.bool_), documents)
+    offsets = _open_array(directory / "offsets.npy", np.dtype(np.int64), len(separator) + 1)
+    if offsets[0] != 0 or offsets[-1] != len(ids):
+        raise LayerMoEError(f"token store {directory} is corrupt: document offsets run from {int(offsets[0])} to "
+                            f"{int(offsets[-1])}, expected 0 to {len(ids)}")
+    return TokenArrays(ids, offsets, separator)
 
 
-def open_part(part_dir: Path, info: PartInfo, dtype: np.dtype) -> _Part:
-    """Memory-map one part, checking sizes and the ends of its document offsets."""
-    ids = _open_array(part_dir / "ids.npy", dtype, info.tokens)
-    offsets = _open_array(part_dir / "offsets.npy", np.dtype(np.int64), info.documents + 1)
-    separator = _open_array(part_dir / "separator.npy", np.dtype(np.bool_), info.documents)
-    if offsets[0] != 0 or offsets[-1] != info.tokens:
-        raise LayerMoEError(f"token store part {part_dir} is corrupt: document offsets run from {int(offsets[0])} "
-                            f"to {int(offsets[-1])}, expected 0 to {info.tokens}")
-    return _Part(ids, offsets, separator)
+def concatenate_parts(parts: list[Path], out_dir: Path, dtype: np.dtype) -> tuple[int, int]:
+    """Join the parts' arrays, in order, into one set of arrays in ``out_dir``; returns (documents, tokens).
+    Each part is checked as it is read; data are copied in chunks, never the whole store in memory."""
+    arrays = [open_arrays(part, dtype) for part in parts]
+    documents, tokens = sum(a.documents for a in arrays), sum(a.tokens for a in arrays)
+    with (out_dir / "ids.npy").open("wb") as f:
+        _write_header(f, dtype, tokens)
+        for a in arrays:
+            for start in range(0, a.tokens, _COPY_CHUNK):
+                f.write(np.ascontiguousarray(a.ids[start:start + _COPY_CHUNK]).tobytes())
+    with (out_dir / "separator.npy").open("wb") as f:
+        _write_header(f, np.dtype(np.bool_), documents)
+        for a in arrays:
+            f.write(np.ascontiguousarray(a.separator).tobytes())
+    with (out_dir / "offsets.npy").open("wb") as f:
+        _write_header(f, np.dtype(np.int64), documents + 1)
+        base = 0
+        f.write(np.zeros(1, dtype=np.int64).tobytes())
+        for a in arrays:
+            f.write((a.offsets[1:] + base).astype(np.int64).tobytes())
+            base += a.tokens
+    return documents, tokens
 
 
-def read_part_info(part_dir: Path) -> PartInfo:
-    """Counts of a finished part, from its array headers (checked when the store is opened)."""
-    tokens = _read_header(part_dir / "ids.npy")[0]
-    documents = _read_header(part_dir / "separator.npy")[0]
-    return PartInfo(documents=int(documents[0]), tokens=int(tokens[0]))
+def _write_header(f, dtype: np.dtype, length: int) -> None:
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                             "shape": (length,)})
 
 
 # ------------------------------------------------------------------------------------------- reader
@@ -206,12 +218,10 @@ def read_part_info(part_dir: Path) -> PartInfo:
 class TokenStore:
     """A finished store, memory-mapped: documents and token ranges are read in place, never all into RAM."""
 
-    def __init__(self, path: Path, meta: StoreMeta, parts: list[_Part]):
+    def __init__(self, path: Path, meta: StoreMeta, arrays: TokenArrays):
         self.path = path
         self.meta = meta
-        self._parts = parts
-        self._doc_starts = np.cumsum([0] + [p.documents for p in meta.parts], dtype=np.int64)
-        self._token_starts = np.cumsum([0] + [p.tokens for p in meta.parts], dtype=np.int64)
+        self._arrays = arrays
 
     @classmethod
     def open(cls, path: Path, expected: StoreKey | None = None) -> TokenStore:
@@ -226,53 +236,35 @@ class TokenStore:
         dtype = np.dtype(meta.dtype)
         if dtype != id_dtype(meta.vocab_size):
             raise LayerMoEError(f"token store {path}: dtype {meta.dtype} does not fit vocab size {meta.vocab_size}")
-        parts = [open_part(path / part_name(i), info, dtype) for i, info in enumerate(meta.parts)]
-        return cls(path, meta, parts)
+        return cls(path, meta, open_arrays(path, dtype, meta.documents, meta.tokens))
 
     @property
     def num_documents(self) -> int:
-        return int(self._doc_starts[-1])
+        return self._arrays.documents
 
     @property
     def num_tokens(self) -> int:
-        return int(self._token_starts[-1])
+        return self._arrays.tokens
 
     @property
     def language(self) -> str:
         return self.meta.key.language
 
-    def _locate_document(self, i: int) -> tuple[_Part, int]:
-        if not 0 <= i < self.num_documents:
-            raise IndexError(f"document {i} of a store with {self.num_documents} documents")
-        p = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
-        return self._parts[p], i - int(self._doc_starts[p])
-
     def document(self, i: int) -> np.ndarray:
         """Token ids of document ``i`` as ``packing.encode_document`` gives them (a read-only view)."""
-        part, d = self._locate_document(i)
-        return part.ids[part.offsets[d]:part.offsets[d + 1]]
+        a = self._arrays
+        return a.ids[a.offsets[i]:a.offsets[i + 1]]
 
     def text_ids(self, i: int) -> np.ndarray:
         """What the tokenizer alone gives for document ``i``: ``document(i)`` without the appended separator."""
-        part, d = self._locate_document(i)
-        end = part.offsets[d + 1] - (1 if part.separator[d] else 0)
-        return part.ids[part.offsets[d]:end]
+        a = self._arrays
+        return a.ids[a.offsets[i]:a.offsets[i + 1] - (1 if a.separator[i] else 0)]
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the store's stream (all documents concatenated in corpus order)."""
+        """Tokens ``[start, stop)`` of the store's stream (all documents concatenated in corpus order), a view."""
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"tokens [{start}, {stop}) of a store with {self.num_tokens} tokens")
-        pieces = []
-        p = int(np.searchsorted(self._token_starts, start, side="right")) - 1
-        while start < stop:
-            local = start - int(self._token_starts[p])
-            take = min(stop, int(self._token_starts[p + 1])) - start
-            pieces.append(self._parts[p].ids[local:local + take])
-            start += take
-            p += 1
-        if len(pieces) == 1:
-            return pieces[0]
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.dtype(self.meta.dtype))
+        return self._arrays.ids[start:stop]
 
 
 def _mismatch(path: Path, found: StoreKey, expected: StoreKey) -> str:

@@ -2,12 +2,12 @@
 in parallel, resumable, split over the ranks of a multi-process launch.
 
 Each language's source is read once, sequentially and streaming. Its documents are routed to their split and cut
-into shards of about ``shard_chars`` characters (a function of the corpus alone, so the parts are the same for any
+into shards of about ``shard_chars`` characters (a function of the corpus alone, so the shards are the same for any
 number of workers or ranks). Shard ``i`` belongs to rank ``i % world_size``; that rank's worker processes tokenize
-it with batched tokenizer calls and write it atomically as ``part-<i>`` of the store's work directory. A shard
-whose part already exists is not tokenized again, so a killed run resumes where it stopped and ends with the same
-bytes. When every rank is done, rank 0 writes ``meta.json``, checks the store and renames the work directory to
-its final name.
+it with batched tokenizer calls and write it atomically as ``part-<i>/`` of the store's work directory. A shard
+whose part already exists is not tokenized again, so a killed run resumes where it stopped. When every rank is
+done, rank 0 joins the parts into the store (written atomically: same bytes however the work was split or
+interrupted) and removes the work directory.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pipeline.corpus import LanguageSource, Split, iter_split_documents, resolve
 from pipeline.errors import LayerMoEError
 from pipeline.manifest import hash_path
 from pipeline.packing import load_tokenizer, needs_separator
-from pipeline.token_store import (META, PartInfo, StoreKey, StoreMeta, TokenStore, id_dtype, part_name,
-                                  read_part_info, tokenizer_fingerprint, write_part)
+from pipeline.token_store import (META, StoreKey, StoreMeta, TokenStore, concatenate_parts, id_dtype,
+                                  tokenizer_fingerprint, write_arrays)
 
-DEFAULT_SHARD_CHARS = 4_000_000  # ~1-4M tokens: seconds of one worker's time, the unit of resuming
+DEFAULT_SHARD_CHARS = 2_000_000  # ~0.5-2M tokens: about a second of one worker's time, the unit of resuming
 BATCH_DOCUMENTS = 256  # documents per tokenizer call
 SHARDS_IN_FLIGHT_PER_WORKER = 2  # bounds the text held in memory while workers are busy
 PROGRESS_EVERY_S = 10.0
@@ -63,13 +63,17 @@ def default_workers() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def store_key(request: StoreRequest, split: Split, tokenizer: TokenizerSpec, tokenizer_hash: str, source_hash: str,
-              shard_chars: int) -> StoreKey:
+def store_key(request: StoreRequest, split: Split, tokenizer: TokenizerSpec, tokenizer_hash: str,
+              source_hash: str) -> StoreKey:
     source = request.source
     return StoreKey(language=source.language, split=split, tokenizer=tokenizer_hash,
                     tokenizer_backend=tokenizer.backend, source=source_hash, source_format=source.format,
                     source_field=source.field, text_sample_by=source.text_sample_by,
-                    heldout_fraction=request.heldout_fraction, split_seed=request.split_seed, shard_chars=shard_chars)
+                    heldout_fraction=request.heldout_fraction, split_seed=request.split_seed)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
 
 
 def build_stores(requests: list[StoreRequest], tokenizer: TokenizerSpec, root: Path, workers: int | None = None,
@@ -84,7 +88,7 @@ def build_stores(requests: list[StoreRequest], tokenizer: TokenizerSpec, root: P
         source_hash = hash_path(request.source.path)
         missing = {}
         for split in request.splits:
-            key = store_key(request, split, tokenizer, tokenizer_hash, source_hash, shard_chars)
+            key = store_key(request, split, tokenizer, tokenizer_hash, source_hash)
             keys[(request.source.language, split)] = key
             if not (root / key.dirname).is_dir():
                 missing[split] = key
@@ -122,6 +126,12 @@ class _Shard:
     dtype: str
 
 
+@dataclass(frozen=True)
+class _ShardDone:
+    documents: int
+    tokens: int
+
+
 class _Progress:
     """Counts and a log line at most every ``PROGRESS_EVERY_S``: documents, tokens, tokens/s, ETA."""
 
@@ -138,7 +148,7 @@ class _Progress:
             return
         self.last = now
         elapsed = max(now - self.started, 1e-9)
-        line = (f"tokenize: {self.documents:,} documents read, {self.tokens:,} tokens in {self.parts} parts "
+        line = (f"tokenize: {self.documents:,} documents read, {self.parts} parts tokenized, {self.tokens:,} tokens "
                 f"({self.tokens / elapsed:,.0f} tokens/s, {self.workers} workers")
         rank = distributed.current()
         if rank.world_size > 1:
@@ -228,7 +238,7 @@ def _tokenize(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers
     try:
         for job in jobs:
             source = job.request.source
-            cutters = {split: _ShardCutter(_work_dir(root, key), shard_chars, dtype, submit)
+            cutters = {split: _ShardCutter(_work_dir(root, key, shard_chars), shard_chars, dtype, submit)
                        for split, key in job.keys.items()}
             log.info(f"tokenize {source.language} ({', '.join(job.keys)}): {source.path} with {workers} workers")
             for split, text in iter_split_documents(source, job.request.heldout_fraction, job.request.split_seed):
@@ -253,7 +263,8 @@ def _tokenize(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers
         for job in jobs:
             for split, key in job.keys.items():
                 if job.shards[split]:
-                    _finalize(root, key, job.shards[split], dtype, vocab_size, job.request.source.path)
+                    _finalize(root, key, _work_dir(root, key, shard_chars), job.shards[split], dtype, vocab_size,
+                              job.request.source.path)
     distributed.barrier()
     for job in jobs:  # every rank read every document: all raise alike
         for split in job.keys:
@@ -262,31 +273,33 @@ def _tokenize(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers
                                     f"has no {split} documents (heldout_fraction {job.request.heldout_fraction})")
 
 
-def _work_dir(root: Path, key: StoreKey) -> Path:
+def _work_dir(root: Path, key: StoreKey, shard_chars: int) -> Path:
     """Where a store's parts collect until it is finished (kept across a killed run: the resume point)."""
-    return root / f".{key.dirname}.partial"
+    return root / f".{key.dirname}.parts-{shard_chars}"
 
 
-def _finalize(root: Path, key: StoreKey, shards: int, dtype: str, vocab_size: int, source_path: Path) -> None:
-    """Write meta.json into the work directory, check the whole store, and give it its final name."""
-    work_dir, final = _work_dir(root, key), root / key.dirname
+def _finalize(root: Path, key: StoreKey, work_dir: Path, shards: int, dtype: str, vocab_size: int,
+              source_path: Path) -> None:
+    """Join the parts into the store (checked, written atomically) and remove the work directory."""
+    final = root / key.dirname
     if final.is_dir():  # another job with the same inputs finished first
         return
-    infos = []
-    for index in range(shards):
-        part_dir = work_dir / part_name(index)
-        if not part_dir.is_dir():
-            raise LayerMoEError(f"tokenize: part {part_dir} is missing after every rank finished")
-        infos.append(read_part_info(part_dir))
-    for leftover in work_dir.glob(".part-*.tmp"):  # a part a killed run was writing
-        shutil.rmtree(leftover)
-    meta = StoreMeta(key, dtype, vocab_size, tuple(infos), str(source_path), time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_json(work_dir / META, meta.to_json())
-    store = TokenStore.open(work_dir, key)
-    os.replace(work_dir, final)
-    size = sum(f.stat().st_size for f in final.rglob("*.npy"))
-    log.info(f"tokenize {key.language} {key.split}: {store.num_documents:,} documents, {store.num_tokens:,} tokens, "
-             f"{size / max(store.num_tokens, 1):.2f} bytes/token on disk -> {final}")
+    parts = [work_dir / part_name(index) for index in range(shards)]
+    missing = [str(p) for p in parts if not p.is_dir()]
+    if missing:
+        raise LayerMoEError(f"tokenize: {len(missing)} parts are missing after every rank finished, e.g. {missing[0]}")
+    started = time.perf_counter()
+    with atomic_directory(final) as tmp:
+        documents, tokens = concatenate_parts(parts, tmp, np.dtype(dtype))
+        meta = StoreMeta(key, documents, tokens, dtype, vocab_size, str(source_path),
+                         time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(tmp / META, meta.to_json())
+        TokenStore.open(tmp, key)
+    shutil.rmtree(work_dir)
+    size = sum(f.stat().st_size for f in final.glob("*.npy"))
+    log.info(f"tokenize {key.language} {key.split}: {documents:,} documents, {tokens:,} tokens, "
+             f"{size / max(tokens, 1):.2f} bytes/token on disk, {shards} parts joined in "
+             f"{time.perf_counter() - started:.1f}s -> {final}")
 
 
 # ------------------------------------------------------------------------------------------- worker processes
@@ -310,7 +323,7 @@ def _init_worker(spec: TokenizerSpec) -> None:
     _worker_tokenizer = load_tokenizer(spec.path, spec.backend)
 
 
-def _tokenize_shard(shard: _Shard) -> PartInfo:
+def _tokenize_shard(shard: _Shard) -> _ShardDone:
     """Tokenize one shard (``packing.encode_document`` of each text, batched) and write it as a part."""
     tokenizer = _worker_tokenizer
     eos = tokenizer.eos_token_id
@@ -331,8 +344,8 @@ def _tokenize_shard(shard: _Shard) -> PartInfo:
         pieces.append(batch.astype(dtype))
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
     with atomic_directory(shard.part_dir) as tmp:
-        write_part(tmp, ids, np.array(lengths, dtype=np.int64), np.array(separator, dtype=np.bool_))
-    return PartInfo(documents=len(lengths), tokens=len(ids))
+        write_arrays(tmp, ids, np.array(lengths, dtype=np.int64), np.array(separator, dtype=np.bool_))
+    return _ShardDone(documents=len(lengths), tokens=len(ids))
 
 
 # ------------------------------------------------------------------------------------------- from a run config
