@@ -67,3 +67,12 @@ def broadcast_from_main(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process); a picklable object. Also a barrier."""
+    if current().world_size > 1:
+        gathered = [None] * current().world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]

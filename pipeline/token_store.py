@@ -224,15 +224,20 @@ class TokenStore:
         self._arrays = arrays
 
     @classmethod
-    def open(cls, path: Path, expected: StoreKey | None = None) -> TokenStore:
-        """Open the store in ``path``; with ``expected``, it must have been made from exactly those inputs (a store
-        made with another tokenizer, source or split settings is an error). Sizes and headers are checked."""
+    def open(cls, path: Path, expected: StoreKey | None = None, tokenizer: Path | None = None) -> TokenStore:
+        """Open the store in ``path``, checking headers and sizes. With ``expected`` it must have been made from
+        exactly those inputs; with ``tokenizer`` (a model directory or tokenizer file), with that tokenizer. A store
+        made with another tokenizer, source or split settings is an error."""
         path = Path(path)
         if not path.is_dir():
             raise LayerMoEError(f"token store {str(path)!r} does not exist")
         meta = StoreMeta.read(path)
         if expected is not None and meta.key != expected:
             raise LayerMoEError(_mismatch(path, meta.key, expected))
+        if tokenizer is not None:
+            fingerprint = tokenizer_fingerprint(tokenizer)
+            if meta.key.tokenizer != fingerprint:
+                raise LayerMoEError(_mismatch(path, meta.key, dataclasses.replace(meta.key, tokenizer=fingerprint)))
         dtype = np.dtype(meta.dtype)
         if dtype != id_dtype(meta.vocab_size):
             raise LayerMoEError(f"token store {path}: dtype {meta.dtype} does not fit vocab size {meta.vocab_size}")
@@ -253,12 +258,18 @@ class TokenStore:
     def document(self, i: int) -> np.ndarray:
         """Token ids of document ``i`` as ``packing.encode_document`` gives them (a read-only view)."""
         a = self._arrays
+        self._check_document(i)
         return a.ids[a.offsets[i]:a.offsets[i + 1]]
 
     def text_ids(self, i: int) -> np.ndarray:
         """What the tokenizer alone gives for document ``i``: ``document(i)`` without the appended separator."""
         a = self._arrays
+        self._check_document(i)
         return a.ids[a.offsets[i]:a.offsets[i + 1] - (1 if a.separator[i] else 0)]
+
+    def _check_document(self, i: int) -> None:
+        if not 0 <= i < self.num_documents:
+            raise IndexError(f"document {i} of a store with {self.num_documents} documents")
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of the store's stream (all documents concatenated in corpus order), a view."""

@@ -57,10 +57,15 @@ class StoreRequest:
     split_seed: int
 
 
+LOCAL_RANK_COUNT_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")  # torchrun, deepspeed, mpirun
+
+
 def default_workers() -> int:
-    """This process's share of the cores: the cores it may run on, divided by the ranks on this node."""
+    """This process's share of the cores: the cores it may run on, divided by the ranks on this node that the
+    launcher names (srun instead binds each task to its own cores: ``--cpus-per-task``)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks_here = next((int(os.environ[v]) for v in LOCAL_RANK_COUNT_VARIABLES if os.environ.get(v)), 1)
+    return max(1, cores // ranks_here)
 
 
 def store_key(request: StoreRequest, split: Split, tokenizer: TokenizerSpec, tokenizer_hash: str,
@@ -213,9 +218,44 @@ class _ShardCutter:
 
 
 def _tokenize(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers: int, shard_chars: int) -> None:
-    tokenizer = load_tokenizer(spec.path, spec.backend)
-    vocab_size = len(tokenizer)
+    """Tokenize this rank's shards of every job, then (rank 0) join each store's parts. A clear error on any rank
+    is raised on every rank, so none waits for the others forever."""
+    vocab_size = len(load_tokenizer(spec.path, spec.backend))
     dtype = id_dtype(vocab_size).name
+    failure = None
+    try:
+        _tokenize_shards(jobs, spec, root, workers, shard_chars, dtype)
+    except LayerMoEError as e:
+        failure = str(e)
+    _raise_if_any_rank_failed(failure)
+    if distributed.current().is_main:
+        try:
+            for job in jobs:
+                for split, key in job.keys.items():
+                    if job.shards[split]:
+                        _finalize(root, key, _work_dir(root, key, shard_chars), job.shards[split], dtype, vocab_size,
+                                  job.request.source.path)
+        except LayerMoEError as e:
+            failure = str(e)
+    _raise_if_any_rank_failed(failure)
+    for job in jobs:  # every rank read every document: all raise alike
+        for split in job.keys:
+            if job.shards[split] == 0:
+                raise LayerMoEError(f"language {job.request.source.language!r}: corpus {str(job.request.source.path)!r} "
+                                    f"has no {split} documents (heldout_fraction {job.request.heldout_fraction})")
+
+
+def _raise_if_any_rank_failed(failure: str | None) -> None:
+    """A barrier that also raises, on every rank, the first rank's error message (if any rank had one)."""
+    failures = distributed.all_gather_objects(failure)
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise LayerMoEError(message if len(failures) == 1 else f"rank {rank}: {message}")
+
+
+def _tokenize_shards(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers: int, shard_chars: int,
+                     dtype: str) -> None:
+    """Read each job's source once and have the worker pool tokenize this rank's unfinished shards into parts."""
     progress = _Progress(sum(source_size(job.request.source) for job in jobs), workers)
     pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_init_worker, initargs=(spec,))
     in_flight: set[Future] = set()
@@ -226,8 +266,7 @@ def _tokenize(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers
             done, _ = wait(in_flight, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
             for future in done:
                 in_flight.discard(future)
-                info = future.result()
-                progress.tokens += info.tokens
+                progress.tokens += future.result().tokens
                 progress.parts += 1
             progress.report()
 
@@ -258,19 +297,6 @@ def _tokenize(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, workers
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     progress.report(force=True)
-    distributed.barrier()
-    if distributed.current().is_main:
-        for job in jobs:
-            for split, key in job.keys.items():
-                if job.shards[split]:
-                    _finalize(root, key, _work_dir(root, key, shard_chars), job.shards[split], dtype, vocab_size,
-                              job.request.source.path)
-    distributed.barrier()
-    for job in jobs:  # every rank read every document: all raise alike
-        for split in job.keys:
-            if job.shards[split] == 0:
-                raise LayerMoEError(f"language {job.request.source.language!r}: corpus {str(job.request.source.path)!r} "
-                                    f"has no {split} documents (heldout_fraction {job.request.heldout_fraction})")
 
 
 def _work_dir(root: Path, key: StoreKey, shard_chars: int) -> Path:
@@ -287,8 +313,10 @@ def _finalize(root: Path, key: StoreKey, work_dir: Path, shards: int, dtype: str
     parts = [work_dir / part_name(index) for index in range(shards)]
     missing = [str(p) for p in parts if not p.is_dir()]
     if missing:
-        raise LayerMoEError(f"tokenize: {len(missing)} parts are missing after every rank finished, e.g. {missing[0]}")
+        raise LayerMoEError(f"tokenize: {len(missing)} parts are missing after every rank finished, e.g. {missing[0]} "
+                            f"(every rank must see the same cache directory)")
     started = time.perf_counter()
+    log.info(f"tokenize {key.language} {key.split}: joining {shards} parts")
     with atomic_directory(final) as tmp:
         documents, tokens = concatenate_parts(parts, tmp, np.dtype(dtype))
         meta = StoreMeta(key, documents, tokens, dtype, vocab_size, str(source_path),

@@ -28,8 +28,8 @@ from pipeline.launch import free_port
 from pipeline.packing import encode_document, iter_packed, load_tokenizer
 from pipeline.token_blocks import BlockView, sample_chunks
 from pipeline.token_store import TokenStore, id_dtype, tokenizer_fingerprint
-from pipeline.tokenize_corpus import (StoreRequest, TokenizerSpec, _ShardCutter, build_stores, language_stores,
-                                      store_key)
+from pipeline.tokenize_corpus import (StoreRequest, TokenizerSpec, _ShardCutter, build_stores, default_workers,
+                                      language_stores, store_key)
 from pipeline.training_data import StageMix, build_stage_data, build_stage_mix, micro_batch_indices, stage_languages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,10 @@ def test_store_holds_todays_documents_and_blocks(tmp_path, corpus, tokenizer_dir
     request = _request(corpus["el"])
     stores = build_stores([request], TokenizerSpec(tokenizer_dir, backend), tmp_path, workers=2, shard_chars=1500)
     tokenizer = load_tokenizer(tokenizer_dir, backend)
-    assert _parts_joined(capsys.readouterr().err)["train"] > 4  # parts written out of order by 2 workers, joined
+    err = capsys.readouterr().err
+    assert _parts_joined(err)["train"] > 4  # parts written out of order by 2 workers, joined
+    assert re.search(r"tokenize: \d+ documents read, \d+ parts tokenized, [\d,]+ tokens \([\d,]+ tokens/s, 2 workers; "
+                     r"\d+% of the source read, ETA \d+s\)", err)  # the progress line
     for split in ("train", "heldout"):
         store = stores[("el", split)]
         docs = list(iter_documents(request.source, split, 0.2, 1))
@@ -271,9 +274,15 @@ def _rank_worker(rank: int, port: int, corpus: dict, tokenizer_dir: str, root: s
         cutter = _ShardCutter(Path(root) / "unused", 1, "uint16", lambda shard: mine.append(int(shard.part_dir.name[5:])))
         for text in synthetic_documents("el", 9):
             cutter.add(text)
+        try:  # a cache that is not shared by the ranks (node-local disks): rank 0 cannot see rank 1's parts
+            build_stores([_request(Path(corpus["hu"]), "hu", ("train",))], TokenizerSpec(Path(tokenizer_dir)),
+                         Path(root) / f"node-local-{rank}", workers=1, shard_chars=1500)
+            error = None
+        except LayerMoEError as e:
+            error = str(e)
         out[rank] = ({f"{k[0]}-{k[1]}": str(s.path) for k, s in stores.items()},
                      [(b.index.numpy(), b.input_ids.numpy(), b.language_ids.numpy()) for b in batches],
-                     (mine, cutter.finish()))
+                     (mine, cutter.finish()), error)
     finally:
         dist.destroy_process_group()
 
@@ -293,6 +302,9 @@ def test_two_ranks_split_the_work_and_read_disjoint_batches(tmp_path, corpus, to
     single = build_stores(requests, TokenizerSpec(tokenizer_dir), tmp_path / "one", workers=1, shard_chars=1500)
     assert results[0][0] == results[1][0]
     assert results[0][2] == ([0, 2, 4, 6, 8], 9) and results[1][2] == ([1, 3, 5, 7], 9)  # shard i on rank i % 2
+    assert results[0][3] == results[1][3]  # one rank's error is raised on every rank (none waits forever)
+    assert re.fullmatch(r"rank 0: tokenize: \d+ parts are missing after every rank finished, e\.g\. \S+part-\d+ "
+                        r"\(every rank must see the same cache directory\)", results[0][3])
     for (lang, split), store in single.items():
         two_rank_dir = Path(results[0][0][f"{lang}-{split}"])
         assert two_rank_dir.name == store.path.name
@@ -364,13 +376,24 @@ def test_store_of_another_tokenizer_is_refused(tmp_path, corpus, tokenizer_dir):
     with pytest.raises(LayerMoEError, match="was made with another tokenizer") as e:
         TokenStore.open(store.path, expected=key)
     _one_line(e)
+    with pytest.raises(LayerMoEError, match="was made with another tokenizer"):
+        TokenStore.open(store.path, tokenizer=other)
+    assert TokenStore.open(store.path, tokenizer=tokenizer_dir).num_tokens == store.num_tokens
     with pytest.raises(LayerMoEError, match=r"does not exist"):
         TokenStore.open(tmp_path / "nothing")
 
 
-def test_id_dtype_and_workers_setting():
+def test_id_dtype_and_workers_setting(monkeypatch):
     assert id_dtype(49_152) == np.uint16 and id_dtype(65_535) == np.uint16
     assert id_dtype(65_536) == np.uint32 and id_dtype(151_936) == np.uint32
+    cores = len(os.sched_getaffinity(0))
+    for variable in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun, deepspeed: the node's cores are shared
+        monkeypatch.setenv(variable, "2")
+        assert default_workers() == max(1, cores // 2)
+        monkeypatch.setenv(variable, str(4 * cores))
+        assert default_workers() == 1
+        monkeypatch.delenv(variable)
+    assert default_workers() == cores
     config = RunConfig(name="t", old_languages=["en"], rounds=[RoundConfig("g1", ["el"])],
                        data=DataConfig(tokenize_workers=0))
     with pytest.raises(ConfigError, match="data.tokenize_workers"):
