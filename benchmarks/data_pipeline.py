@@ -108,8 +108,8 @@ def tokenize_with(sources: dict[str, Path], model: Path, cache_dir: Path, worker
 
 
 def memory_status(field: str) -> int:
-    """A ``/proc/self/status`` memory figure in bytes: VmRSS (now) or VmHWM (peak of this program, not counting the
-    parent it was forked from, unlike ``ru_maxrss``)."""
+    """A ``/proc/self/status`` memory figure in bytes: VmRSS (now), RssFile (of it, file pages mapped in) or VmHWM
+    (peak of this program, not counting the parent it was forked from, unlike ``ru_maxrss``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -136,7 +136,8 @@ def reader(args: argparse.Namespace) -> None:
         mix.micro_batch(i * stride, 0, 1, 0, 1, args.batch)
     per_batch = (time.perf_counter() - start) / reads
     print(json.dumps({"blocks": len(mix), "first_batch_s": first, "batch_ms": per_batch * 1e3,
-                      "rss_after_imports": imported, "peak_rss": memory_status("VmHWM")}))
+                      "rss_after_imports": imported, "peak_rss": memory_status("VmHWM"),
+                      "rss_file": memory_status("RssFile")}))
 
 
 def run_reader(work: Path, model: Path, tokens: int, block: int, batch: int) -> dict:
@@ -223,10 +224,11 @@ def main() -> None:
     print(f"\nbytes on disk per token: {disk / tokens:.3f} (token ids {stores[('el', 'train')].meta.dtype}, "
           f"document offsets and separator flags included; {disk / mib:,.0f} MiB for {tokens:,} tokens)\n")
     print(f"{'training process (stage-1 mix, 3 languages)':<46}{'blocks':>10}{'RSS after imports MiB':>23}"
-          f"{'peak RSS MiB':>14}{'open->1st batch s':>19}{'ms/micro-batch':>16}")
+          f"{'peak RSS MiB':>14}{'file-backed at end':>20}{'open->1st batch s':>19}{'ms/micro-batch':>16}")
     for budget, r in ((args.small_tokens, small), (args.tokens_per_language, large)):
         print(f"{f'{budget:,} tokens per language':<46}{r['blocks']:>10,}{r['rss_after_imports'] / mib:>23.1f}"
-              f"{r['peak_rss'] / mib:>14.1f}{r['first_batch_s']:>19.2f}{r['batch_ms']:>16.2f}")
+              f"{r['peak_rss'] / mib:>14.1f}{r['rss_file'] / mib:>20.1f}{r['first_batch_s']:>19.2f}"
+              f"{r['batch_ms']:>16.2f}")
     print(f"peak RSS difference: {(large['peak_rss'] - small['peak_rss']) / mib:.1f} MiB (goal < 100); "
           f"2 workers vs 1: {runs[1][0] / runs[2][0]:.2f}x (goal >= 1.7); "
           f"open -> first micro-batch at {args.tokens_per_language:,}: {large['first_batch_s']:.2f} s (goal < 5)")

@@ -1,5 +1,5 @@
-"""Token stores read the way the stages use them, in place from the memory maps: fixed-length blocks of the token
-stream (training, evaluation) and per-document chunks with counted positions (analyze)."""
+"""Token stores read the way the stages use them, straight from disk: fixed-length blocks of the token stream
+(training, evaluation) and per-document chunks with counted positions (analyze)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token stores on disk: one language split, tokenized once, read in place through memory maps.
+"""Token stores on disk: one language split, tokenized once, read from disk on demand (never all in RAM).
 
 A store is a directory ``<cache>/tokens/<language>-<split>-<key digest>/`` named by everything that decides its
 content (:class:`StoreKey`): the tokenizer's files, the source's content, the split settings, the encoding rule
@@ -11,7 +11,8 @@ finds the store its base model's run made. Layout (numpy ``.npy`` files, as Mega
     separator.npy  bool [documents]: an EOS was appended to the tokenizer's output as the separator
 
 The token stream ``ids`` is exactly what ``packing.iter_packed`` concatenates: ``packing.encode_document`` of each
-document, in corpus order. While a store is being made, its documents collect in parts of the same three arrays
+document, in corpus order. Readers ``pread`` token ranges from ``ids.npy`` (a training process's memory stays flat
+however much it has read: a memory map would keep every page it touched mapped) and memory-map the small arrays. While a store is being made, its documents collect in parts of the same three arrays
 (``part-<i>/`` of a work directory, see ``tokenize_corpus``); :func:`concatenate_parts` joins them.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,24 +119,23 @@ class StoreMeta:
 
 
 @dataclass(frozen=True)
-class TokenArrays:
-    """The three arrays of a store or of one part, memory-mapped (read-only)."""
+class ArrayFile:
+    """A checked 1-d ``.npy`` file: where its data start and how many items it holds."""
 
-    ids: np.ndarray
-    offsets: np.ndarray
-    separator: np.ndarray
+    path: Path
+    dtype: np.dtype
+    length: int
+    data_offset: int
 
-    @property
-    def documents(self) -> int:
-        return len(self.separator)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.ids)
+    def map(self) -> np.ndarray:
+        """The array memory-mapped read-only (for the small per-document arrays)."""
+        if self.length == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.data_offset, shape=(self.length,))
 
 
 def write_arrays(directory: Path, ids: np.ndarray, lengths: np.ndarray, separator: np.ndarray) -> None:
-    """Write a part's (or a small store's) three arrays into ``directory``."""
+    """Write a part's three arrays into ``directory``."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     for name, array in (("ids.npy", ids), ("offsets.npy", offsets), ("separator.npy", separator.astype(np.bool_))):
@@ -155,8 +157,8 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
         raise LayerMoEError(f"token store file {path} is corrupt (unreadable header: {e})") from None
 
 
-def _open_array(path: Path, dtype: np.dtype, length: int | None = None) -> np.ndarray:
-    """Memory-map a 1-d ``.npy`` file, checking its header (dtype; length, if given) and its exact size on disk."""
+def check_array(path: Path, dtype: np.dtype, length: int | None = None) -> ArrayFile:
+    """Check a 1-d ``.npy`` file's header (dtype; length, if given) and its exact size on disk."""
     shape, fortran, file_dtype, header_end = _read_header(path)
     if file_dtype != dtype or len(shape) != 1 or fortran or (length is not None and shape[0] != length):
         expected = f"{dtype} ({'n' if length is None else length},)"
@@ -166,33 +168,50 @@ def _open_array(path: Path, dtype: np.dtype, length: int | None = None) -> np.nd
     if size != expected_size:
         raise LayerMoEError(f"token store file {path} is {'truncated' if size < expected_size else 'corrupt'}: "
                             f"{size:,} bytes, expected {expected_size:,}")
-    if shape[0] == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=header_end, shape=shape)
+    return ArrayFile(path, dtype, shape[0], header_end)
+
+
+@dataclass(frozen=True)
+class TokenArrays:
+    """The three arrays of a store or of one part, checked against each other: the ids file (read on demand), the
+    document offsets and separator flags (memory-mapped)."""
+
+    ids: ArrayFile
+    offsets: np.ndarray
+    separator: np.ndarray
+
+    @property
+    def documents(self) -> int:
+        return len(self.separator)
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.length
 
 
 def open_arrays(directory: Path, dtype: np.dtype, documents: int | None = None,
                 tokens: int | None = None) -> TokenArrays:
-    """Memory-map the three arrays in ``directory``, checking headers, sizes, each other and the counts given."""
-    ids = _open_array(directory / "ids.npy", dtype, tokens)
-    separator = _open_array(directory / "separator.npy", np.dtype(np.bool_), documents)
-    offsets = _open_array(directory / "offsets.npy", np.dtype(np.int64), len(separator) + 1)
-    if offsets[0] != 0 or offsets[-1] != len(ids):
+    """Check the three arrays in ``directory`` (headers, sizes, each other, the counts given) and open them."""
+    ids = check_array(directory / "ids.npy", dtype, tokens)
+    separator = check_array(directory / "separator.npy", np.dtype(np.bool_), documents).map()
+    offsets = check_array(directory / "offsets.npy", np.dtype(np.int64), len(separator) + 1).map()
+    if offsets[0] != 0 or offsets[-1] != ids.length:
         raise LayerMoEError(f"token store {directory} is corrupt: document offsets run from {int(offsets[0])} to "
-                            f"{int(offsets[-1])}, expected 0 to {len(ids)}")
+                            f"{int(offsets[-1])}, expected 0 to {ids.length}")
     return TokenArrays(ids, offsets, separator)
 
 
 def concatenate_parts(parts: list[Path], out_dir: Path, dtype: np.dtype) -> tuple[int, int]:
     """Join the parts' arrays, in order, into one set of arrays in ``out_dir``; returns (documents, tokens).
-    Each part is checked as it is read; data are copied in chunks, never the whole store in memory."""
+    Each part is checked first; data are copied file to file, never the whole store in memory."""
     arrays = [open_arrays(part, dtype) for part in parts]
     documents, tokens = sum(a.documents for a in arrays), sum(a.tokens for a in arrays)
     with (out_dir / "ids.npy").open("wb") as f:
         _write_header(f, dtype, tokens)
         for a in arrays:
-            for start in range(0, a.tokens, _COPY_CHUNK):
-                f.write(np.ascontiguousarray(a.ids[start:start + _COPY_CHUNK]).tobytes())
+            with a.ids.path.open("rb") as part:
+                part.seek(a.ids.data_offset)
+                shutil.copyfileobj(part, f, _COPY_CHUNK)
     with (out_dir / "separator.npy").open("wb") as f:
         _write_header(f, np.dtype(np.bool_), documents)
         for a in arrays:
@@ -216,12 +235,15 @@ def _write_header(f, dtype: np.dtype, length: int) -> None:
 
 
 class TokenStore:
-    """A finished store, memory-mapped: documents and token ranges are read in place, never all into RAM."""
+    """A finished store. Token ids are read from disk on demand (``pread``: only the bytes asked for, and they do not
+    stay mapped into the process, so its memory does not grow with the tokens it has read); the per-document
+    offsets and flags are memory-mapped. Never the whole corpus in RAM."""
 
     def __init__(self, path: Path, meta: StoreMeta, arrays: TokenArrays):
         self.path = path
         self.meta = meta
         self._arrays = arrays
+        self._ids = arrays.ids.path.open("rb")
 
     @classmethod
     def open(cls, path: Path, expected: StoreKey | None = None, tokenizer: Path | None = None) -> TokenStore:
@@ -256,26 +278,34 @@ class TokenStore:
         return self.meta.key.language
 
     def document(self, i: int) -> np.ndarray:
-        """Token ids of document ``i`` as ``packing.encode_document`` gives them (a read-only view)."""
-        a = self._arrays
+        """Token ids of document ``i`` as ``packing.encode_document`` gives them."""
         self._check_document(i)
-        return a.ids[a.offsets[i]:a.offsets[i + 1]]
+        return self.tokens(int(self._arrays.offsets[i]), int(self._arrays.offsets[i + 1]))
 
     def text_ids(self, i: int) -> np.ndarray:
         """What the tokenizer alone gives for document ``i``: ``document(i)`` without the appended separator."""
-        a = self._arrays
         self._check_document(i)
-        return a.ids[a.offsets[i]:a.offsets[i + 1] - (1 if a.separator[i] else 0)]
+        end = int(self._arrays.offsets[i + 1]) - (1 if self._arrays.separator[i] else 0)
+        return self.tokens(int(self._arrays.offsets[i]), end)
 
     def _check_document(self, i: int) -> None:
         if not 0 <= i < self.num_documents:
             raise IndexError(f"document {i} of a store with {self.num_documents} documents")
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the store's stream (all documents concatenated in corpus order), a view."""
+        """Tokens ``[start, stop)`` of the store's stream (all documents concatenated in corpus order), read-only."""
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"tokens [{start}, {stop}) of a store with {self.num_tokens} tokens")
-        return self._arrays.ids[start:stop]
+        ids = self._arrays.ids
+        offset, size = ids.data_offset + start * ids.dtype.itemsize, (stop - start) * ids.dtype.itemsize
+        chunks = []
+        while size > 0:  # one read unless it is larger than the OS gives at once (2 GiB on Linux)
+            chunk = os.pread(self._ids.fileno(), size, offset)
+            if not chunk:
+                raise LayerMoEError(f"token store file {ids.path} was truncated while in use")
+            chunks.append(chunk)
+            offset, size = offset + len(chunk), size - len(chunk)
+        return np.frombuffer(chunks[0] if len(chunks) == 1 else b"".join(chunks), dtype=ids.dtype)
 
 
 def _mismatch(path: Path, found: StoreKey, expected: StoreKey) -> str:

@@ -84,7 +84,7 @@ class MicroBatch:
 
 
 class StageMix:
-    """The blocks of several languages' token stores, shuffled together and read in place.
+    """The blocks of several languages' token stores, shuffled together and read from the stores on demand.
 
     Language ``i`` contributes ``counts[i]`` blocks: its blocks in stream order, repeated (epochs) when it has fewer.
     Global block ``g`` is ``order[g]`` of those blocks concatenated language after language, ``order`` a permutation

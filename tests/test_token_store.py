@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 
 from conftest import synthetic_documents, write_jsonl
 from pipeline.analyze import token_chunks
-from pipeline.config import ConfigError, DataConfig, EvaluateConfig, RoundConfig, RunConfig, SourceConfig, \
-    StageTrainConfig, TrainConfig, validate
+from pipeline.config import (ConfigError, DataConfig, EvaluateConfig, RoundConfig, RunConfig, SourceConfig,
+                             StageTrainConfig, TrainConfig, validate)
 from pipeline.corpus import LanguageSource, is_heldout, iter_documents
 from pipeline.errors import LayerMoEError
 from pipeline.launch import free_port
