@@ -273,10 +273,6 @@ class TokenStore:
     def num_tokens(self) -> int:
         return self._arrays.tokens
 
-    @property
-    def language(self) -> str:
-        return self.meta.key.language
-
     def document(self, i: int) -> np.ndarray:
         """Token ids of document ``i`` as ``packing.encode_document`` gives them."""
         self._check_document(i)

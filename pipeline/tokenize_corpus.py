@@ -131,12 +131,6 @@ class _Shard:
     dtype: str
 
 
-@dataclass(frozen=True)
-class _ShardDone:
-    documents: int
-    tokens: int
-
-
 class _Progress:
     """Counts and a log line at most every ``PROGRESS_EVERY_S``: documents, tokens, tokens/s, ETA."""
 
@@ -266,7 +260,7 @@ def _tokenize_shards(jobs: list[_LanguageJob], spec: TokenizerSpec, root: Path, 
             done, _ = wait(in_flight, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
             for future in done:
                 in_flight.discard(future)
-                progress.tokens += future.result().tokens
+                progress.tokens += future.result()
                 progress.parts += 1
             progress.report()
 
@@ -336,8 +330,10 @@ _worker_tokenizer = None
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """Workers start from a fork server that has imported this module once (not the caller's ``__main__``): no
-    threads or CUDA state of the caller are forked, and each new worker starts in milliseconds."""
+    """Workers are forked from a server that imported this module and the tokenizer libraries once: no threads or
+    CUDA state of the caller are forked, and a worker starts without re-importing them. As with any spawn or fork
+    server pool, a calling script must guard its entry point (``if __name__ == "__main__"``), as the stage scripts
+    and the CLI do."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -351,8 +347,8 @@ def _init_worker(spec: TokenizerSpec) -> None:
     _worker_tokenizer = load_tokenizer(spec.path, spec.backend)
 
 
-def _tokenize_shard(shard: _Shard) -> _ShardDone:
-    """Tokenize one shard (``packing.encode_document`` of each text, batched) and write it as a part."""
+def _tokenize_shard(shard: _Shard) -> int:
+    """Tokenize one shard (``packing.encode_document`` of each text, batched), write it as a part; its token count."""
     tokenizer = _worker_tokenizer
     eos = tokenizer.eos_token_id
     dtype = np.dtype(shard.dtype)
@@ -373,7 +369,7 @@ def _tokenize_shard(shard: _Shard) -> _ShardDone:
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
     with atomic_directory(shard.part_dir) as tmp:
         write_arrays(tmp, ids, np.array(lengths, dtype=np.int64), np.array(separator, dtype=np.bool_))
-    return _ShardDone(documents=len(lengths), tokens=len(ids))
+    return len(ids)
 
 
 # ------------------------------------------------------------------------------------------- from a run config
