@@ -1,4 +1,4 @@
-"""Streaming similarity (mean unit vectors, PAPER.md 3.1) vs the reference approach (a full N x N cosine
+"""Streaming similarity (mean unit vectors, docs/method.md, 3.1) vs the reference approach (a full N x N cosine
 matrix per language pair, each language re-normalised for every pair), on the same hidden states.
 
 Prints, for each N (tokens per language): wall time and peak extra memory of both methods, the speed-up

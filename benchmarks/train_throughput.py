@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.launch import free_port
+from pipeline.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """allocate stage: layer similarity -> experts per layer, and the layers that get a routing classifier.
 
 All counts here are TOTAL experts per layer, including the original (frozen) expert 0; a layer with 1
-expert stays dense. Methods (PAPER.md 3.2):
+expert stays dense. Methods (docs/method.md, 3.2):
 
 * ``reference``: ``N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)`` - the authors' formula (the total overshoots delta).
 * ``budget``: exactly ``budget`` new experts in all; every layer gets one, the rest is shared in proportion

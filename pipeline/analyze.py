@@ -1,4 +1,4 @@
-"""analyze stage: per layer, how similar the FFN inputs of the new and old languages are (PAPER.md 3.1).
+"""analyze stage: per layer, how similar the FFN inputs of the new and old languages are (docs/method.md, 3.1).
 
 Streaming and exact: hooks on every FFN module add the unit-normalised input vectors of the counted
 positions into a ``[num_layers, hidden]`` float64 sum per language. Memory does not grow with the number

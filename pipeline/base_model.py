@@ -9,10 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from pipeline.config import ModelConfig
 from pipeline.atomic import read_json
+from pipeline.config import ModelConfig
+from pipeline.default_model import ensure_default_model
 from pipeline.errors import LayerMoEError
+from pipeline.hf_modeling.configuration_layermoe import LayerMoEConfig
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 
 SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -27,8 +31,6 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 def resolve_model_path(model: ModelConfig, cache_dir: Path) -> Path:
     """The HF directory of the configured base model (``default`` builds the built-in one on first use)."""
     if model.path == "default":
-        from pipeline.default_model import ensure_default_model
-
         return ensure_default_model(cache_dir)
     return Path(model.path).expanduser()
 
@@ -55,11 +57,6 @@ def read_model_config(path: Path) -> dict:
 
 def load_causal_lm(path: Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
     """Load a supported dense causal LM, or an expanded LayerMoE model, from a local directory, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.hf_modeling.configuration_layermoe import LayerMoEConfig
-    from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
-
     config = read_model_config(path)
     if not any(any(Path(path).glob(p)) for p in WEIGHT_PATTERNS):
         raise LayerMoEError(f"model directory {str(path)!r} has a config.json but no weights "
@@ -86,8 +83,6 @@ def pick_device(requested: str) -> str:
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layer list of a supported dense or expanded causal LM."""
-    from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
-
     inner = model.base if isinstance(model, LayerMoEForCausalLM) else model
     layers = getattr(getattr(inner, "model", None), "layers", None)
     if layers is None:
@@ -97,7 +92,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def ffn_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The FFN module (an MoE block in expanded layers) of every decoder layer, in layer order; its input is
-    the 'HSA' of PAPER.md 3.1."""
+    the 'HSA' of docs/method.md, 3.1."""
     layers = decoder_layers(model)
     missing = [i for i, layer in enumerate(layers) if not hasattr(layer, "mlp")]
     if missing:

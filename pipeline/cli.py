@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from pipeline import log
+from pipeline.config import default_cache_dir, load_config, to_dict
+from pipeline.default_model import ensure_default_model
+from pipeline.distributed import distributed_from_env
 from pipeline.errors import LayerMoEError
+from pipeline.libreoffice_corpus import build_libreoffice_corpus
+from pipeline.plan import format_plan, load_model_config, plan
+from pipeline.ranks import LOOPBACK
+from pipeline.report import compare_runs
+from pipeline.runner import run_pipeline, run_single_stage
+from pipeline.stages import STAGES, get_stage
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. analyze.batch_size=4 rounds.0.languages=[el,hu]"
 
@@ -20,8 +30,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from pipeline.config import load_config
-
     path = args.config_opt or args.config_file
     overrides = list(args.overrides)
     if args.config_opt and args.config_file:  # the positional slot caught the first override
@@ -31,28 +39,18 @@ def _load(args: argparse.Namespace):
     return load_config(path, overrides)
 
 
-def _stage_command(stage: str):
-    def command(args: argparse.Namespace) -> None:
-        from pipeline import runner
-        from pipeline.distributed import distributed_from_env
-
-        config = _load(args)
-        with distributed_from_env():
-            runner.claim_run_dir(config)
-            rounds = [config.round_index(args.round)] if args.round else runner.ready_rounds(config)
-            for r in rounds:
-                runner.STAGE_FUNCTIONS[stage](config, r, args.force)
-    return command
+def _stage(args: argparse.Namespace) -> None:
+    config = _load(args)
+    with distributed_from_env():
+        run_single_stage(config, get_stage(args.stage_name), args.round, args.force)
 
 
 def _train(args: argparse.Namespace) -> None:
-    _stage_command(f"train_stage{args.stage}")(args)
+    args.stage_name = f"train_stage{args.stage}"
+    _stage(args)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from pipeline.distributed import distributed_from_env
-    from pipeline.runner import run_pipeline
-
     config = _load(args)
     first, last = (args.only, args.only) if args.only else (args.first, args.until)
     with distributed_from_env():
@@ -60,20 +58,14 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from pipeline.report import compare_runs
-
     print(compare_runs([Path(d) for d in args.run_dirs]))
 
 
 def _show_config(args: argparse.Namespace) -> None:
-    from pipeline.config import to_dict
-
     print(json.dumps(to_dict(_load(args)), indent=2))
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from pipeline.plan import format_plan, load_model_config, plan
-
     model_config = load_model_config(Path(args.model))
     layers = model_config["num_hidden_layers"]
     if args.allocation:
@@ -93,21 +85,15 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    from pipeline.config import default_cache_dir
-
     return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
 
 
 def _build_corpus(args: argparse.Namespace) -> None:
-    from pipeline.libreoffice_corpus import build_libreoffice_corpus
-
     corpus = build_libreoffice_corpus(args.languages, _cache_dir(args))
     print(corpus.root)
 
 
 def _prepare_model(args: argparse.Namespace) -> None:
-    from pipeline.default_model import ensure_default_model
-
     print(ensure_default_model(_cache_dir(args)))
 
 
@@ -125,17 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete the run directory first (needed when it holds a different experiment)")
     p.set_defaults(func=_run)
 
-    for stage, text in (("analyze", "layer-wise similarity of new vs old languages -> similarity.json"),
-                        ("allocate", "similarity -> experts per layer and classifier layers -> allocation.json"),
-                        ("upcycle", "round's input model + allocation -> expanded MoE model (HF directory)"),
-                        ("train_stage1", "train new experts + routers on the new languages (DeepSpeed)"),
-                        ("train_stage2", "train routers + classifiers on new + replay text (DeepSpeed)"),
-                        ("evaluate", "perplexity, forgetting, routing, translation -> report.json / report.md")):
-        p = sub.add_parser(stage, help=text)
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help)
         _add_config_args(p)
         p.add_argument("--round", help="only this round (by name); default: every round in order")
         p.add_argument("--force", action="store_true", help="re-run even when up to date")
-        p.set_defaults(func=_stage_command(stage))
+        p.set_defaults(func=_stage, stage_name=stage.name)
 
     p = sub.add_parser("train", help="one training stage: `deepspeed stages/train.py --config C --stage 1|2`")
     _add_config_args(p)
@@ -172,13 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    import torch
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # local multi-process runs stay on loopback
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("MASTER_ADDR", LOOPBACK)  # local multi-process runs stay on loopback
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may also come after options (argparse stops collecting positionals at an option)

@@ -18,10 +18,14 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import LayerMoEError
+from pipeline.libreoffice_corpus import SUPPORTED_LANGUAGES
 
 
 class ConfigError(LayerMoEError):
     """The configuration is invalid; the message starts with the field's dotted path."""
+
+
+TrainingStage = Literal[1, 2]  # training stage 1 (new experts + routers) or 2 (routers + classifiers)
 
 
 def default_cache_dir() -> Path:
@@ -75,7 +79,7 @@ class RoundConfig:
 
 @dataclass
 class AnalyzeConfig:
-    """Layer-wise similarity of FFN inputs (PAPER.md 3.1)."""
+    """Layer-wise similarity of FFN inputs (docs/method.md, 3.1)."""
 
     tokens_per_language: int = 100_000
     max_length: int = 1024  # longer documents are cut into chunks of this many tokens
@@ -85,7 +89,7 @@ class AnalyzeConfig:
 
 @dataclass
 class AllocateConfig:
-    """How similarity becomes experts per layer, and which layers get a routing classifier (PAPER.md 3.2-3.3)."""
+    """How similarity becomes experts per layer, and which layers get a routing classifier (docs/method.md, 3.2-3.3)."""
 
     method: Literal["reference", "budget", "uniform", "explicit"] = "reference"
     delta: float | None = None  # reference: N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)
@@ -99,7 +103,7 @@ class AllocateConfig:
 
 @dataclass
 class UpcycleConfig:
-    """Turning the round's input model into an MoE model (PAPER.md 2, 3.3, 3.5)."""
+    """Turning the round's input model into an MoE model (docs/method.md, 2, 3.3 and 3.5)."""
 
     top_k: int = 2
     pooling: Literal["prefix", "sequence"] = "prefix"  # what the routing classifier sees
@@ -124,7 +128,7 @@ class StageTrainConfig:
 
 @dataclass
 class TrainConfig:
-    """Both training stages (PAPER.md 2, 3.4): DeepSpeed settings, loss weights, logging, checkpoints."""
+    """Both training stages (docs/method.md, 2 and 3.4): DeepSpeed settings, loss weights, logging, checkpoints."""
 
     ds_config: str = "ds_configs/cpu_fp32.json"
     ep_size: int = 1
@@ -140,6 +144,10 @@ class TrainConfig:
     stage1: StageTrainConfig = field(default_factory=StageTrainConfig)
     stage2: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(
         steps=30, tokens_per_language=50_000, replay_tokens_per_language=25_000))
+
+    def for_stage(self, training_stage: TrainingStage) -> StageTrainConfig:
+        """The schedule and data settings of training stage 1 or 2."""
+        return self.stage1 if training_stage == 1 else self.stage2
 
 
 @dataclass
@@ -353,8 +361,6 @@ def known_languages(config: RunConfig) -> set[str]:
     """Languages that have a text source: configured sources plus, if enabled, the built-in corpus."""
     known = set(config.data.sources)
     if config.data.builtin_corpus == "libreoffice":
-        from pipeline.libreoffice_corpus import SUPPORTED_LANGUAGES
-
         known |= set(SUPPORTED_LANGUAGES)
     return known
 
@@ -438,5 +444,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data form of a config object (for manifests and the saved copy of the run's config)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Plain-data form of a config or settings object (for manifests and the saved copy of the run's config):
+    dataclasses become dicts, their paths strings; anything else is returned as it is."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    return dataclasses.asdict(obj, dict_factory=lambda fields: {k: str(v) if isinstance(v, Path) else v
+                                                                for k, v in fields})

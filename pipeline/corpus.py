@@ -16,6 +16,7 @@ from typing import Iterator, Literal
 
 from pipeline.config import RunConfig, SourceConfig
 from pipeline.errors import LayerMoEError
+from pipeline.libreoffice_corpus import build_libreoffice_corpus
 
 Split = Literal["train", "heldout"]
 
@@ -76,8 +77,6 @@ def builtin_corpus(config: RunConfig):
 
 @functools.lru_cache(maxsize=4)
 def _builtin_corpus(languages: tuple[str, ...], cache_dir: Path):
-    from pipeline.libreoffice_corpus import build_libreoffice_corpus
-
     return build_libreoffice_corpus(languages, cache_dir)
 
 

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline.launch import discover_ranks, use_local_device
+from pipeline.ranks import discover_ranks, use_local_device
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def current() -> DistInfo:
 @contextlib.contextmanager
 def distributed_from_env() -> Iterator[DistInfo]:
     """Initialise a process group when started in several processes (torchrun, deepspeed, mpirun, srun: see
-    ``pipeline.launch``), and on exit destroy any process group created inside (here or by a stage). One that
+    ``pipeline.ranks``), and on exit destroy any process group created inside (here or by a stage). One that
     already existed is left alone."""
     ranks = discover_ranks()
     existed = dist.is_initialized()

@@ -8,12 +8,14 @@ added by an expansion round.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,17 +25,41 @@ from pipeline.base_model import load_causal_lm, read_model_config
 from pipeline.config import RunConfig
 from pipeline.corpus import builtin_corpus, language_documents, resolve_source
 from pipeline.errors import LayerMoEError
+from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, TranslationExample,
+                                  TranslationScore)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
 from pipeline.manifest import hash_path
 from pipeline.packing import load_tokenizer, pack_documents
-from pipeline.routing_stats import RoutingStats
+from pipeline.plan import load_model_config, plan
+from pipeline.routing_stats import LayerRouting, RoutingStats, routing_from_json, routing_to_json
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalModel:
+    """A model to evaluate: its label in the report, and its HF directory."""
+
     label: str
     path: Path
+
+
+@dataclass(frozen=True)
+class LanguageScore:
+    """One model on one language's held-out blocks: perplexity, scored tokens, routing (expanded models only)."""
+
+    perplexity: float
+    tokens: int
+    routing: dict[int, LayerRouting] | None
+
+    def to_json(self) -> dict:
+        return {"perplexity": self.perplexity, "tokens": self.tokens,
+                "routing": None if self.routing is None else routing_to_json(self.routing)}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> LanguageScore:
+        routing = doc["routing"]
+        return cls(float(doc["perplexity"]), int(doc["tokens"]),
+                   None if routing is None else routing_from_json(routing))
 
 
 def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
@@ -52,7 +78,7 @@ def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[s
 
 
 @torch.no_grad()
-def score_language(model: torch.nn.Module, ids: torch.Tensor, is_original: bool, batch_size: int) -> dict:
+def score_language(model: torch.nn.Module, ids: torch.Tensor, is_original: bool, batch_size: int) -> LanguageScore:
     """Perplexity of ``model`` on the blocks ``ids`` and, for an expanded model, its routing statistics."""
     total, count = 0.0, 0
     stats = RoutingStats()
@@ -66,8 +92,7 @@ def score_language(model: torch.nn.Module, ids: torch.Tensor, is_original: bool,
         if expanded:
             records = {i: b.last_routing for i, b in moe_blocks(model).items()}
             stats.add(records, torch.full((batch.numel(),), is_original))
-    return {"perplexity": math.exp(total / count), "tokens": count,
-            "routing": {str(k): v for k, v in stats.summary().items()} if expanded else None}
+    return LanguageScore(math.exp(total / count), count, stats.summary() if expanded else None)
 
 
 class ResultCache:
@@ -113,7 +138,7 @@ def translation_pairs(config: RunConfig, target: str, count: int, shots: int) ->
 
 @torch.no_grad()
 def translate_chrf(model: torch.nn.Module, tokenizer, examples: list[tuple[str, str]], tests: list[tuple[str, str]],
-                   target_name: str, max_new_tokens: int) -> dict:
+                   target_name: str, max_new_tokens: int) -> TranslationScore:
     """Few-shot English -> target greedy translation, scored with corpus chrF (sacrebleu)."""
     import sacrebleu
 
@@ -126,8 +151,9 @@ def translate_chrf(model: torch.nn.Module, tokenizer, examples: list[tuple[str, 
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         hypotheses.append(text.split("\n")[0].strip())
     score = sacrebleu.corpus_chrf(hypotheses, [[ref for _, ref in tests]]).score
-    return {"chrf": score, "sentences": len(tests), "examples": [
-        {"source": s, "reference": r, "hypothesis": h} for (s, r), h in list(zip(tests, hypotheses))[:3]]}
+    samples = [TranslationExample(source, reference, hypothesis)
+               for (source, reference), hypothesis in list(zip(tests, hypotheses))[:3]]
+    return TranslationScore(score, len(tests), samples)
 
 
 def run_harness(model_path: Path, tasks: list[str]) -> dict:
@@ -155,65 +181,94 @@ LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "zh": "Chinese", "el": "Gree
                   "ja": "Japanese", "ko": "Korean", "vi": "Vietnamese", "ar": "Arabic"}
 
 
-def evaluate_models(config: RunConfig, models: list[EvalModel], languages: list[str], new_languages: list[str],
-                    translate_labels: set[str]) -> dict:
-    """Score every model; return the report dict (perplexity, group averages, forgetting, routing, translation)."""
-    e = config.evaluate
-    tokenizer = load_tokenizer(models[0].path)
-    blocks = heldout_blocks(config, languages, tokenizer)
-    original = set(config.old_languages)
-    report: dict = {"languages": {"old": [l for l in languages if l in original],
-                                  "new": [l for l in languages if l not in original]},
-                    "perplexity": {}, "routing": {}, "translation": {}, "harness": {}, "experts": {}}
-    cache = ResultCache(config.run_path / ".evaluate_cache")
-    corpus = {lang: hash_path(resolve_source(config, lang).path) for lang in languages}
-    split = (config.data.heldout_fraction, config.data.split_seed, e.tokens_per_language, e.block_length)
+def evaluate_models(config: RunConfig, models: list[EvalModel], languages: LanguageGroups, translate_labels: set[str],
+                    round_name: str) -> EvalReport:
+    """Score every model (the first is the base model) on every language's held-out blocks (perplexity, routing),
+    translate with the models in ``translate_labels``, count parameters; the report of round ``round_name``."""
+    scoring = _Scoring(config, languages, load_tokenizer(models[0].path))
+    results = {}
     for m in models:
         started = time.perf_counter()
-        model = None
-        report["perplexity"][m.label], routing = {}, {}
-        for lang in languages:
-            key = cache.key(m.path, "perplexity", lang, corpus[lang], split, lang in original)
-            result = cache.get(key)
-            if result is None:
-                model = model or load_causal_lm(m.path)
-                result = score_language(model, blocks[lang], lang in original, e.batch_size)
-                cache.put(key, result)
-            report["perplexity"][m.label][lang] = result["perplexity"]
-            if result["routing"] is not None:
-                routing[lang] = result["routing"]
-            log.info(f"evaluate {m.label}: {lang} perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
-        model_config = read_model_config(m.path)
-        if routing:
-            report["routing"][m.label] = routing
-            report["experts"][m.label] = {"experts_per_layer": model_config["experts_per_layer"],
-                                          "classifier_layers": model_config["classifier_layers"],
-                                          "new_experts": sum(n - 1 for n in model_config["experts_per_layer"])}
-        if m.label in translate_labels and e.translation_sentences > 0:
-            report["translation"][m.label] = {}
-            for lang in new_languages:
-                key = cache.key(m.path, "translation", lang, e.translation_sentences, e.translation_shots,
-                                e.translation_max_new_tokens, e.parallel_file)
-                result = cache.get(key)
-                if result is None:
-                    examples, tests = translation_pairs(config, lang, e.translation_sentences, e.translation_shots)
-                    if not tests:
-                        continue
-                    model = model or load_causal_lm(m.path)
-                    result = translate_chrf(model, tokenizer, examples, tests, LANGUAGE_NAMES.get(lang, lang),
-                                            e.translation_max_new_tokens)
-                    cache.put(key, result)
-                report["translation"][m.label][lang] = result
-                log.info(f"evaluate {m.label}: en->{lang} chrF {result['chrf']:.1f}")
-        report["harness"][m.label] = run_harness(m.path, e.harness_tasks)
+        results[m.label] = _evaluate_model(scoring, m, m.label in translate_labels)
         log.info(f"evaluate {m.label}: done in {time.perf_counter() - started:.0f}s")
-    base = report["perplexity"][models[0].label]
-    report["group_average"] = {label: {group: _mean([p[l] for l in report["languages"][group]])
-                                       for group in ("old", "new")} for label, p in report["perplexity"].items()}
-    report["forgetting_percent"] = {label: {l: 100 * (p[l] - base[l]) / base[l] for l in report["languages"]["old"]}
-                                    for label, p in report["perplexity"].items() if label != models[0].label}
-    return report
+    return EvalReport(config.name, round_name, languages, results)
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+class _Scoring:
+    """What scoring any model needs: the settings, the held-out blocks of every language (tokenised once with
+    the base tokenizer, which every model of a run shares), and the result cache with its keys."""
+
+    def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer):
+        self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
+        self.blocks = heldout_blocks(config, languages.all, tokenizer)
+        self.cache = ResultCache(config.run_path / ".evaluate_cache")
+        self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in languages.all}
+        self.split = (config.data.heldout_fraction, config.data.split_seed, self.settings.tokens_per_language,
+                      self.settings.block_length)
+
+    def perplexity_key(self, model_path: Path, lang: str) -> str:
+        return self.cache.key(model_path, "perplexity", lang, self.corpus_hashes[lang], self.split,
+                              lang in self.languages.old)
+
+    def translation_key(self, model_path: Path, lang: str) -> str:
+        e = self.settings
+        return self.cache.key(model_path, "translation", lang, e.translation_sentences, e.translation_shots,
+                              e.translation_max_new_tokens, e.parallel_file)
+
+
+def _evaluate_model(scoring: _Scoring, m: EvalModel, translate: bool) -> ModelResults:
+    """Perplexity and routing on every language, translation if asked, harness tasks, parameter count of one
+    model; it is loaded only if some result is not in the cache."""
+    model = functools.cache(functools.partial(load_causal_lm, m.path))
+    perplexity, routing = {}, {}
+    for lang in scoring.languages.all:
+        score = _language_score(scoring, model, m, lang)
+        perplexity[lang] = score.perplexity
+        if score.routing is not None:
+            routing[lang] = score.routing
+        log.info(f"evaluate {m.label}: {lang} perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
+    model_config = read_model_config(m.path)
+    experts = ExpertLayout(model_config["experts_per_layer"], model_config["classifier_layers"],
+                           sum(n - 1 for n in model_config["experts_per_layer"])) if routing else None
+    translation = (_translations(scoring, model, m) if translate and scoring.settings.translation_sentences > 0
+                   else None)
+    harness = run_harness(m.path, scoring.settings.harness_tasks)
+    return ModelResults(perplexity, harness, parameter_count(m.path), routing or None, experts, translation)
+
+
+def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel, lang: str) -> LanguageScore:
+    key = scoring.perplexity_key(m.path, lang)
+    cached = scoring.cache.get(key)
+    if cached is not None:
+        return LanguageScore.from_json(cached)
+    score = score_language(model(), scoring.blocks[lang], lang in scoring.languages.old, scoring.settings.batch_size)
+    scoring.cache.put(key, score.to_json())
+    return score
+
+
+def _translations(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel) -> dict[str, TranslationScore]:
+    """chrF of few-shot English -> X translation for every new language with a parallel test set."""
+    e = scoring.settings
+    scores = {}
+    for lang in scoring.languages.new:
+        key = scoring.translation_key(m.path, lang)
+        cached = scoring.cache.get(key)
+        if cached is not None:
+            scores[lang] = TranslationScore.from_json(cached)
+        else:
+            examples, tests = translation_pairs(scoring.config, lang, e.translation_sentences, e.translation_shots)
+            if not tests:
+                continue
+            scores[lang] = translate_chrf(model(), scoring.tokenizer, examples, tests, LANGUAGE_NAMES.get(lang, lang),
+                                          e.translation_max_new_tokens)
+            scoring.cache.put(key, asdict(scores[lang]))
+        log.info(f"evaluate {m.label}: en->{lang} chrF {scores[lang].chrf:.1f}")
+    return scores
+
+
+def parameter_count(model_path: Path) -> int:
+    """Total parameters of a dense or expanded model, from its config (no weights loaded)."""
+    model_config = read_model_config(model_path)
+    dense_config = load_model_config(model_path)
+    experts = model_config.get("experts_per_layer") or [1] * dense_config["num_hidden_layers"]
+    return plan(dense_config, experts, model_config.get("classifier_layers", [])).total

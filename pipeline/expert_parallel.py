@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
 from torch import nn
 
 from .hf_modeling.modeling_layermoe import LayerMoEBlock, moe_blocks
@@ -282,8 +283,6 @@ def expert_parallel_group(ep_size: int) -> dist.ProcessGroup:
     Needs ``deepspeed.init_distributed()`` first. Pass the result to ``shard_block``, so that the group the
     experts are split over is the one DeepSpeed pairs with the expert-data-parallel groups it reduces over.
     """
-    from deepspeed.utils import groups
-
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)

@@ -1,4 +1,4 @@
-"""Training losses of the two stages (PAPER.md 2, 3.3), computed from the blocks' routing records.
+"""Training losses of the two stages (docs/method.md, 2 and 3.3), computed from the blocks' routing records.
 
 Shapes: every routing record is over the flattened ``batch * seq`` tokens of one forward; ``language_ids`` is
 ``[batch, seq]`` with indices into the run's language list.
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import TrainingStage
 from pipeline.hf_modeling.modeling_layermoe import NEW, OLD, RoutingRecord
 
 
@@ -78,15 +79,15 @@ class LossParts:
         return {k: float(v.detach()) for k, v in vars(self).items() if v is not None}
 
 
-def stage_loss(stage: int, logits: torch.Tensor, input_ids: torch.Tensor, records: dict[int, RoutingRecord],
-               original: torch.Tensor, alpha: float = 0.01, gamma: float = 0.1, beta: float = 0.1,
-               lpr_form: str = "paper") -> LossParts:
+def stage_loss(training_stage: TrainingStage, logits: torch.Tensor, input_ids: torch.Tensor,
+               records: dict[int, RoutingRecord], original: torch.Tensor, alpha: float = 0.01, gamma: float = 0.1,
+               beta: float = 0.1, lpr_form: str = "paper") -> LossParts:
     """Stage 1: CE + alpha * balance. Stage 2: CE + gamma * LPR + beta * classifier CE.
 
     ``original`` is ``[batch, seq]`` bool: the token belongs to an original (base-model) language."""
     ce = next_token_loss(logits, input_ids)
     flat_original = original.reshape(-1)
-    if stage == 1:
+    if training_stage == 1:
         balance = torch.stack([load_balance(r) for r in records.values()]).mean() if records else ce.new_zeros(())
         return LossParts(ce + alpha * balance, ce, balance=balance)
     lpr_value = torch.stack([lpr(r, flat_original, lpr_form) for r in records.values()]).mean() if records else ce.new_zeros(())

@@ -8,7 +8,8 @@ from pathlib import Path
 from pipeline.atomic import write_bytes
 
 
-def _figure():
+def pyplot():
+    """matplotlib's pyplot with the headless backend (imported on first use: it takes a while to load)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +18,8 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG, atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     write_bytes(path, buf.getvalue())
@@ -25,7 +27,7 @@ def _save(fig, path: Path) -> None:
 
 def plot_similarity(groups: dict[str, list[float]], layer_scores: list[float], title: str, path: Path) -> None:
     """Similarity by layer: one line per pair group (new-new, new-old, ...) and the layer score S_i."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     layers = range(len(layer_scores))
     for name, values in groups.items():
@@ -36,13 +38,13 @@ def plot_similarity(groups: dict[str, list[float]], layer_scores: list[float], t
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def plot_allocation(experts_per_layer: list[int], classifier_layers: list[int], title: str, path: Path) -> None:
     """Bar chart of total experts per layer; classifier layers are hatched."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     colors = ["tab:orange" if i in classifier_layers else "tab:blue" for i in range(len(experts_per_layer))]
     ax.bar(range(len(experts_per_layer)), experts_per_layer, color=colors)
@@ -50,5 +52,5 @@ def plot_allocation(experts_per_layer: list[int], classifier_layers: list[int], 
     ax.set_ylabel("experts (incl. original)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

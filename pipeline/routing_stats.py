@@ -7,6 +7,7 @@ Per MoE layer: expert load (assigned slots per expert; max/mean, 1.0 = balanced 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,18 @@ class LayerCounts:
     original_top1_is_0: int = 0
     classified: int = 0
     classified_correct: int = 0
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """One MoE layer's routing statistics over an interval."""
+
+    experts: int
+    load: list[int]  # assigned slots per expert (the classifier's expert-0 assignments included)
+    load_max_over_mean: float | None  # 1.0 = balanced whatever the expert count; None: no slot assigned
+    dead_experts: int  # experts with no assignment
+    original_top1_expert0: float | None  # share of original-language tokens whose effective top-1 is expert 0
+    classifier_accuracy: float | None  # None: the layer has no classifier
 
 
 @dataclass
@@ -47,32 +60,43 @@ class RoutingStats:
             counts.original_tokens += int(mask.sum())
             counts.original_top1_is_0 += int((top1[mask] == 0).sum())
 
-    def summary(self) -> dict[int, dict]:
+    def summary(self) -> dict[int, LayerRouting]:
+        """Each MoE layer's statistics since this object was made, by layer index."""
         out = {}
         for i, c in sorted(self.layers.items()):
             load = c.load.float()
-            out[i] = {
-                "experts": len(c.load),
-                "load": c.load.tolist(),
-                "load_max_over_mean": float(load.max() / load.mean()) if load.sum() > 0 else None,
-                "dead_experts": int((c.load == 0).sum()),
-                "original_top1_expert0": c.original_top1_is_0 / c.original_tokens if c.original_tokens else None,
-                "classifier_accuracy": c.classified_correct / c.classified if c.classified else None,
-            }
+            out[i] = LayerRouting(
+                experts=len(c.load),
+                load=c.load.tolist(),
+                load_max_over_mean=float(load.max() / load.mean()) if load.sum() > 0 else None,
+                dead_experts=int((c.load == 0).sum()),
+                original_top1_expert0=c.original_top1_is_0 / c.original_tokens if c.original_tokens else None,
+                classifier_accuracy=c.classified_correct / c.classified if c.classified else None,
+            )
         return out
 
     def one_line(self) -> str:
         """A compact overview: mean load imbalance, dead experts, expert-0 share, classifier accuracy."""
-        s = self.summary()
+        s = self.summary().values()
         if not s:
             return "no MoE layers"
-        imbalance = [v["load_max_over_mean"] for v in s.values() if v["load_max_over_mean"] is not None]
-        share = [v["original_top1_expert0"] for v in s.values() if v["original_top1_expert0"] is not None]
-        acc = [v["classifier_accuracy"] for v in s.values() if v["classifier_accuracy"] is not None]
+        imbalance = [v.load_max_over_mean for v in s if v.load_max_over_mean is not None]
+        share = [v.original_top1_expert0 for v in s if v.original_top1_expert0 is not None]
+        acc = [v.classifier_accuracy for v in s if v.classifier_accuracy is not None]
         parts = [f"load max/mean {sum(imbalance) / max(len(imbalance), 1):.2f}",
-                 f"dead experts {sum(v['dead_experts'] for v in s.values())}"]
+                 f"dead experts {sum(v.dead_experts for v in s)}"]
         if share:
             parts.append(f"orig->expert0 {sum(share) / len(share):.1%}")
         if acc:
             parts.append(f"classifier acc {sum(acc) / len(acc):.1%}")
         return ", ".join(parts)
+
+
+def routing_to_json(layers: dict[int, LayerRouting]) -> dict[str, dict]:
+    """Per-layer statistics as JSON (routing_stats.json, report.json): ``{"<layer>": {field: value}}``."""
+    return {str(i): dataclasses.asdict(v) for i, v in layers.items()}
+
+
+def routing_from_json(doc: dict) -> dict[int, LayerRouting]:
+    """The inverse of :func:`routing_to_json` (raises KeyError/TypeError/ValueError on a malformed document)."""
+    return {int(i): LayerRouting(**v) for i, v in doc.items()}

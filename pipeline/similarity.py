@@ -1,6 +1,6 @@
 """Layer-wise language similarity from per-language mean unit vectors, and the similarity.json contract.
 
-Identity used throughout (PAPER.md 3.1): the mean cosine over all token pairs (u from a, v from b) equals
+Identity used throughout (docs/method.md, 3.1): the mean cosine over all token pairs (u from a, v from b) equals
 ``mu_a . mu_b`` with ``mu_l`` the mean of the unit-normalised token vectors of language ``l``. So per layer
 and language we only keep the sum of unit vectors and a token count.
 """

@@ -1,38 +1,50 @@
-"""Training stages 1 and 2 with DeepSpeed (PAPER.md 2, 3.3-3.5).
+"""Training stages 1 and 2 with DeepSpeed (docs/method.md, 2 and 3.3-3.5).
 
 * stage 1: trainable = this round's new experts + routers; loss = CE + alpha * load balance; new languages.
 * stage 2: trainable = routers + classifiers; loss = CE + gamma * LPR + beta * classifier CE; new + replay.
 
 The model is the previous stage's exported HF directory; the result is exported the same way. DeepSpeed
 checkpoints (weights, optimizer, scheduler, step, RNG) are written every ``checkpoint_every`` steps and at the
-end into a work directory that survives interruptions, so ``resume`` continues where a run stopped and ends
+end into a work directory that survives interruptions, so a rerun continues where a run stopped and ends
 with the weights an uninterrupted run would have.
+
+:func:`train_stage` runs one stage as its phases: :func:`build_engine` (model, expert sharding, trainable
+parameters, optimizer groups, DeepSpeed engine), resume (:class:`~pipeline.training_checkpoint.ResumePoint`),
+one :func:`train_step` per optimizer step, checkpoints, export.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from pipeline import distributed, log
-from pipeline.atomic import read_json, write_json
+from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device
-from pipeline.config import RunConfig, StageTrainConfig, to_dict
+from pipeline.config import RunConfig, StageTrainConfig, TrainingStage, to_dict
+from pipeline.distributed import DistInfo
+from pipeline.ds_config import deepspeed_config
 from pipeline.errors import LayerMoEError
-from pipeline.expert_parallel import expert_parallel_group, mark_expert_parameters, shard_model, unshard_model
-from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
-from pipeline.losses import stage_loss
+from pipeline.export import export_model
+from pipeline.expert_parallel import (ExpertPlacement, expert_parallel_group, mark_expert_parameters, shard_model,
+                                      unshard_model)
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, RoutingRecord, moe_blocks
+from pipeline.losses import LossParts, stage_loss
 from pipeline.packing import load_tokenizer
-from pipeline.routing_stats import RoutingStats
-from pipeline.training_checkpoint import (Layout, expert_shards, latest_checkpoint, load_weights, resume_other_layout,
-                                         resume_same_layout, save_checkpoint)
-from pipeline.training_data import build_stage_data, micro_batch_indices
+from pipeline.ranks import LOOPBACK, discover_ranks, free_port, use_local_device
+from pipeline.routing_stats import LayerRouting, RoutingStats, routing_to_json
+from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, expert_shards, latest_checkpoint,
+                                          save_checkpoint)
+from pipeline.training_data import StageData, build_stage_data, micro_batch_indices
 from pipeline.upcycle import set_trainable
 
 
@@ -40,9 +52,9 @@ class TrainingDiverged(LayerMoEError):
     """The loss became NaN or infinite."""
 
 
-def trainable_roles(stage: int, round_number: int) -> list[str]:
+def trainable_roles(training_stage: TrainingStage, round_number: int) -> list[str]:
     """Parameter roles a stage trains (see ``pipeline.upcycle.parameter_roles``)."""
-    return [f"experts_round{round_number}", "routers"] if stage == 1 else ["routers", "classifiers"]
+    return [f"experts_round{round_number}", "routers"] if training_stage == 1 else ["routers", "classifiers"]
 
 
 def lr_multiplier(step: int, settings: StageTrainConfig) -> float:
@@ -54,30 +66,8 @@ def lr_multiplier(step: int, settings: StageTrainConfig) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(path: str, settings: StageTrainConfig, clipping: float) -> dict:
-    """A DeepSpeed config from ``ds_configs/``, with the "auto" entries filled from our config."""
-    file = Path(path)
-    bundled = Path(__file__).resolve().parents[1] / path  # ds_configs/ of this project, wherever we run from
-    if not file.is_file() and not file.is_absolute() and bundled.is_file():
-        file = bundled
-    ds = read_json(file, "train.ds_config: DeepSpeed config")
-    fill = {"train_micro_batch_size_per_gpu": settings.micro_batch_size,
-            "gradient_accumulation_steps": settings.gradient_accumulation, "gradient_clipping": clipping}
-    for key, value in fill.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    ds.pop("train_batch_size", None)
-    if not torch.cuda.is_available() and ds.get("bf16", {}).get("enabled"):
-        log.warn(f"{path}: bf16 on CPU is slow and not what the tests cover; consider ds_configs/cpu_fp32.json")
-    return ds
-
-
 def init_deepspeed_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed, also for a plain single-process run."""
-    import deepspeed
-
-    from pipeline.launch import LOOPBACK, discover_ranks, free_port, use_local_device
-
     ranks = discover_ranks()  # torchrun / deepspeed / mpirun / srun
     if ranks.launcher == "none":  # a plain single process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=LOOPBACK, MASTER_PORT=str(free_port()))
@@ -85,107 +75,207 @@ def init_deepspeed_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+def describe_settings(config: RunConfig, training_stage: TrainingStage) -> dict:
+    """The config slice a training stage depends on (for its manifest)."""
+    excluded = ("stage1", "stage2", "ep_size")  # ep_size: a layout choice, checkpoints move between layouts
+    return {"train": {k: v for k, v in to_dict(config.train).items() if k not in excluded},
+            "stage": to_dict(config.train.for_stage(training_stage)), "seed": config.seed}
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training stage of one round: what it starts from, its settings, its layout, where checkpoints go."""
+
+    config: RunConfig
+    round_index: int
+    training_stage: TrainingStage
+    model_in: Path
+    checkpoint_dir: Path
+    layout: Layout
+
+    @property
+    def settings(self) -> StageTrainConfig:
+        return self.config.train.for_stage(self.training_stage)
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.training_stage}"
+
+
+@dataclass
+class Trainer:
+    """What :func:`build_engine` makes: the DeepSpeed engine (its ``module`` is the model), the learning-rate
+    schedule, the stage's data, and the names of the trainable parameters."""
+
+    engine: deepspeed.DeepSpeedEngine
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: StageData
+    trainable: list[str]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.device)
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step: each loss part over the global batch (every micro-batch on every rank), and the
+    number of tokens in that batch."""
+
+    losses: dict[str, float]
+    tokens: int
+
+
 @dataclass
 class StageResult:
     steps: int
     final_loss: dict[str, float]
     tokens_per_second: float
-    routing: dict
+    routing: dict[int, LayerRouting]  # the last interval's statistics, by MoE layer
     peak_memory_gib: float
 
 
-def train_stage(config: RunConfig, round_index: int, stage: int, model_in: Path, checkpoint_dir: Path,
-                export_dir: Path | None, resume: bool = True) -> StageResult:
-    """Run one training stage on every rank; rank 0 exports the trained model to ``export_dir``."""
-    import deepspeed
-
-    settings = config.train.stage1 if stage == 1 else config.train.stage2
+def train_stage(config: RunConfig, round_index: int, training_stage: TrainingStage, model_in: Path,
+                checkpoint_dir: Path, export_dir: Path | None) -> StageResult:
+    """Run one training stage on every rank, resuming from the newest checkpoint in ``checkpoint_dir`` if there
+    is one; rank 0 exports the trained model to ``export_dir``."""
     dist = distributed.current()
-    layout = Layout(config.train.ep_size, dist.world_size)
-    if dist.world_size % layout.ep_size:
-        raise LayerMoEError(f"train.ep_size={layout.ep_size} does not divide the number of processes "
-                            f"({dist.world_size})")
-    torch.manual_seed(config.seed)
-    model = load_causal_lm(model_in, "float32", pick_device(config.model.device))
-    if not isinstance(model, LayerMoEForCausalLM):
-        raise LayerMoEError(f"{model_in} is a dense model; training needs the upcycled model (run upcycle first)")
-    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
-    other_layout = checkpoint is not None and checkpoint.layout != layout
-    if other_layout:
-        rng_state = load_weights(model, checkpoint)
-    if layout.ep_size > 1:
-        placements = shard_model(model, expert_parallel_group(layout.ep_size))
-    trainable = set_trainable(model, trainable_roles(stage, len(model.config.rounds)))
-    if not trainable:
-        raise LayerMoEError(f"stage {stage} has nothing to train in {model_in} (no new experts/routers/classifiers)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if layout.ep_size > 1:
-        mark_expert_parameters(model, layout.ep_size)
-        if stage == 1:  # trains experts: DeepSpeed reduces their gradients over the expert-data-parallel groups
-            _check_every_rank_trains_an_expert(model, placements, layout.ep_size)
-            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    run = TrainingRun(config, round_index, training_stage, model_in, checkpoint_dir, _layout(config, dist))
+    resume = ResumePoint(checkpoint_dir, run.layout)
+    trainer = build_engine(run, resume)
+    start = resume.restore(trainer.engine, trainer.scheduler)
+    log.info(f"{run.name}: {len(trainer.trainable)} trainable tensors "
+             f"({sum(p.numel() for p in trainer.engine.module.parameters() if p.requires_grad):,} parameters), "
+             f"{len(trainer.data.blocks)} blocks, steps {start}..{run.settings.steps}, world {dist.world_size}, "
+             f"ep_size {run.layout.ep_size}")
+    reporter = _Reporter(run, start)
+    losses: dict[str, float] = {}
+    for step in range(start, run.settings.steps):
+        lr = trainer.scheduler.get_last_lr()[0]  # the rate this step uses (engine.step moves the schedule on)
+        outcome = train_step(run, trainer, step, reporter.routing)
+        losses = outcome.losses
+        reporter.step_done(step, outcome, lr)
+        if _periodic_checkpoint_due(run, step + 1):
+            save_checkpoint(trainer.engine, checkpoint_dir, step + 1, run.layout)
+    save_final_checkpoint_and_export(run, trainer, export_dir)
+    peak = peak_memory_gib(trainer.device)
+    log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
+             f"{peak:.2f} GiB ({'GPU allocated' if trainer.device.type == 'cuda' else 'process RSS'})")
+    return StageResult(run.settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak)
 
-            params = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dense"})
+
+def _layout(config: RunConfig, dist: DistInfo) -> Layout:
+    """This run's layout; ``train.ep_size`` must divide the number of processes."""
+    if dist.world_size % config.train.ep_size:
+        raise LayerMoEError(f"train.ep_size={config.train.ep_size} does not divide the number of processes "
+                            f"({dist.world_size})")
+    return Layout(config.train.ep_size, dist.world_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Build
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
+    """Load the model (and, from a checkpoint of another layout, its weights), shard the experts over the
+    expert-parallel group, choose what trains, group the optimizer's parameters, build the data and the
+    DeepSpeed engine. Every rank calls this."""
+    config, settings = run.config, run.settings
+    torch.manual_seed(config.seed)
+    model = load_causal_lm(run.model_in, "float32", pick_device(config.model.device))
+    if not isinstance(model, LayerMoEForCausalLM):
+        raise LayerMoEError(f"{run.model_in} is a dense model; training needs the upcycled model (run upcycle first)")
+    resume.load_weights_before_sharding(model)
+    placements = _shard_experts(model, run.layout.ep_size)
+    trainable = set_trainable(model, trainable_roles(run.training_stage, len(model.config.rounds)))
+    if not trainable:
+        raise LayerMoEError(f"{run.name} has nothing to train in {run.model_in} (no new experts/routers/classifiers)")
+    param_groups = _optimizer_param_groups(model, placements, run)
     model.train()
-    data = build_stage_data(config, round_index, stage, load_tokenizer(model_in))
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=config.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    data = build_stage_data(config, run.round_index, run.training_stage, load_tokenizer(run.model_in))
+    optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=config.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, settings))
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping))
-    start = 0
-    if other_layout:
-        start = resume_other_layout(scheduler, checkpoint, layout, rng_state)
-    elif checkpoint is not None:
-        start = resume_same_layout(engine, checkpoint)
-    log.info(f"stage {stage}: {len(trainable)} trainable tensors "
-             f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters), "
-             f"{len(data.blocks)} blocks, steps {start}..{settings.steps}, world {dist.world_size}, "
-             f"ep_size {layout.ep_size}")
-    reporter = _Reporter(config, stage, settings, checkpoint_dir, start)
-    losses: dict[str, float] = {}
-    device = torch.device(engine.device)
-    for step in range(start, settings.steps):
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(settings.gradient_accumulation):
-            index = micro_batch_indices(len(data.blocks), step, micro, settings.gradient_accumulation,
-                                        dist.rank, dist.world_size, settings.micro_batch_size)
-            input_ids = data.blocks.input_ids[index].to(device)
-            original = data.original_mask(data.blocks.language_ids[index]).to(device)
-            logits = engine(input_ids=input_ids, use_cache=False).logits
-            records = {i: b.last_routing for i, b in moe_blocks(engine.module).items()}
-            parts = stage_loss(stage, logits, input_ids, records, original, config.train.alpha, config.train.gamma,
-                               config.train.beta, config.train.lpr_form)
-            _check_finite(parts, step, checkpoint_dir)
-            engine.backward(parts.total)
-            engine.step()
-            reporter.routing.add(records, original.reshape(-1))
-            for name, value in vars(parts).items():
-                if value is not None:
-                    sums[name] = sums.get(name, 0) + value.detach()
-        losses = _batch_mean(sums, settings.gradient_accumulation * dist.world_size)
-        reporter.step_done(step, losses, scheduler.get_last_lr()[0],
-                           input_ids.numel() * settings.gradient_accumulation * dist.world_size)
-        if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < settings.steps:
-            save_checkpoint(engine, checkpoint_dir, step + 1, layout)
-    save_checkpoint(engine, checkpoint_dir, settings.steps, layout)
-    distributed.barrier()
-    if export_dir is not None and dist.is_main:
-        _export(engine.module, latest_checkpoint(checkpoint_dir), export_dir, model_in)
-    distributed.barrier()
-    peak = peak_memory_gib(device)
-    log.info(f"stage {stage} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
-             f"{peak:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    return StageResult(settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak)
+    return Trainer(engine, scheduler, data, trainable)
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak GPU memory allocated on ``device`` when it is a GPU, else this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+def _shard_experts(model: LayerMoEForCausalLM, ep_size: int) -> dict[int, ExpertPlacement]:
+    """With expert parallelism, keep only this rank's experts; the placement of each MoE layer (none at ep_size 1)."""
+    if ep_size == 1:
+        return {}
+    return shard_model(model, expert_parallel_group(ep_size))
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+def _optimizer_param_groups(model: LayerMoEForCausalLM, placements: dict[int, ExpertPlacement],
+                            run: TrainingRun) -> list:
+    """The trainable parameters, as DeepSpeed's optimizer needs them: one group, or with expert parallelism in
+    stage 1 (which trains experts) split so that expert gradients are reduced over the expert-data-parallel
+    groups. Stage 2 trains no experts: they are only run where they live."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ep_size = run.layout.ep_size
+    if ep_size == 1:
+        return params
+    mark_expert_parameters(model, ep_size)
+    if run.training_stage == 2:
+        return params
+    _check_every_rank_trains_an_expert(model, placements, ep_size)
+    return split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dense"})
+
+
+def _check_every_rank_trains_an_expert(model: LayerMoEForCausalLM, placements: dict[int, ExpertPlacement],
+                                       ep_size: int) -> None:
+    """DeepSpeed's optimizer needs trainable expert parameters on every rank of an expert-parallel group."""
+    trained_round = len(model.config.rounds)
+    rounds = model.config.expert_rounds
+    counts = [sum(rounds[i][e] == trained_round for i, p in placements.items() for e in p.owned(rank))
+              for rank in range(ep_size)]
+    if min(counts) == 0:
+        raise LayerMoEError(f"train.ep_size={ep_size}: this round adds {sum(counts)} new experts, fewer than the "
+                            f"{ep_size} expert-parallel ranks; use train.ep_size <= {max(sum(counts), 1)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_step(run: TrainingRun, trainer: Trainer, step: int, routing: RoutingStats) -> StepOutcome:
+    """One optimizer step: forward and backward over this rank's micro-batches of ``step`` (DeepSpeed
+    accumulates the gradients and updates at the last one); their routing goes into ``routing``. Stops the run
+    (:class:`TrainingDiverged`) when a loss is not finite on any rank."""
+    settings, dist = run.settings, distributed.current()
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for micro in range(settings.gradient_accumulation):
+        index = micro_batch_indices(len(trainer.data.blocks), step, micro, settings.gradient_accumulation,
+                                    dist.rank, dist.world_size, settings.micro_batch_size)
+        input_ids = trainer.data.blocks.input_ids[index].to(trainer.device)
+        original = trainer.data.original_mask(trainer.data.blocks.language_ids[index]).to(trainer.device)
+        parts, records = _micro_batch_loss(run, trainer.engine, input_ids, original)
+        _check_finite(parts, step, run.checkpoint_dir)
+        trainer.engine.backward(parts.total)
+        trainer.engine.step()
+        routing.add(records, original.reshape(-1))
+        for name, value in vars(parts).items():
+            if value is not None:
+                sums[name] = sums.get(name, 0) + value.detach()
+        tokens += input_ids.numel()
+    micro_batches = settings.gradient_accumulation * dist.world_size
+    return StepOutcome(_batch_mean(sums, micro_batches), tokens * dist.world_size)
+
+
+def _micro_batch_loss(run: TrainingRun, engine, input_ids: torch.Tensor,
+                      original: torch.Tensor) -> tuple[LossParts, dict[int, RoutingRecord]]:
+    """The forward of one micro-batch: the stage's loss parts and every MoE layer's routing record."""
+    logits = engine(input_ids=input_ids, use_cache=False).logits
+    records = {i: block.last_routing for i, block in moe_blocks(engine.module).items()}
+    train = run.config.train
+    parts = stage_loss(run.training_stage, logits, input_ids, records, original, train.alpha, train.gamma, train.beta,
+                       train.lpr_form)
+    return parts, records
 
 
 def _batch_mean(sums: dict[str, torch.Tensor], micro_batches: int) -> dict[str, float]:
@@ -197,7 +287,7 @@ def _batch_mean(sums: dict[str, torch.Tensor], micro_batches: int) -> dict[str, 
     return dict(zip(names, values.tolist()))
 
 
-def _check_finite(parts, step: int, checkpoint_dir: Path) -> None:
+def _check_finite(parts: LossParts, step: int, checkpoint_dir: Path) -> None:
     flag = (~torch.isfinite(parts.total.detach())).float().reshape(1)
     if float(distributed.all_reduce_sum(flag)) > 0:
         latest = (checkpoint_dir / "latest").read_text().strip() if (checkpoint_dir / "latest").exists() else None
@@ -207,60 +297,81 @@ def _check_finite(parts, step: int, checkpoint_dir: Path) -> None:
                else "No checkpoint was written yet."))
 
 
-def _check_every_rank_trains_an_expert(model: LayerMoEForCausalLM, placements, ep_size: int) -> None:
-    """DeepSpeed's optimizer needs trainable expert parameters on every rank of an expert-parallel group."""
-    trained_round = len(model.config.rounds)
-    rounds = model.config.expert_rounds
-    counts = [sum(rounds[i][e] == trained_round for i, p in placements.items() for e in p.owned(rank))
-              for rank in range(ep_size)]
-    if min(counts) == 0:
-        raise LayerMoEError(f"train.ep_size={ep_size}: this round adds {sum(counts)} new experts, fewer than the "
-                            f"{ep_size} expert-parallel ranks; use train.ep_size <= {max(sum(counts), 1)}")
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _export(model: LayerMoEForCausalLM, checkpoint, export_dir: Path, model_in: Path) -> None:
-    """Save the trained model as an HF directory; with expert parallelism, the experts other ranks hold come
-    from the final checkpoint's shards."""
-    from pipeline.checkpoint import save_expanded
+def _periodic_checkpoint_due(run: TrainingRun, done_steps: int) -> bool:
+    """Whether ``train.checkpoint_every`` asks for a checkpoint after ``done_steps`` (the last step always gets one)."""
+    every = run.config.train.checkpoint_every
+    return bool(every) and done_steps % every == 0 and done_steps < run.settings.steps
 
+
+def save_final_checkpoint_and_export(run: TrainingRun, trainer: Trainer, export_dir: Path | None) -> None:
+    """The final checkpoint (every rank writes its part), then rank 0 exports the whole model to ``export_dir``."""
+    save_checkpoint(trainer.engine, run.checkpoint_dir, run.settings.steps, run.layout)
+    distributed.barrier()
+    if export_dir is not None and distributed.current().is_main:
+        export_trained_model(trainer.engine.module, latest_checkpoint(run.checkpoint_dir), export_dir, run.model_in)
+    distributed.barrier()
+
+
+def export_trained_model(model: LayerMoEForCausalLM, checkpoint: SavedCheckpoint, export_dir: Path,
+                         model_in: Path) -> None:
+    """Save the trained model as an HF directory (rank 0); with expert parallelism, the experts other ranks
+    hold come from the final checkpoint's shards."""
     if checkpoint.layout.ep_size > 1:
         unshard_model(model, expert_shards(checkpoint))
     model.eval()
-    save_expanded(model, export_dir, tokenizer_from=model_in)
+    export_model(model, export_dir, tokenizer_from=model_in)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device`` when it is a GPU, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------------------
 
 
 class _Reporter:
     """One dense log line per step, a progress bar on a terminal, routing statistics at intervals."""
 
-    def __init__(self, config: RunConfig, stage: int, settings: StageTrainConfig, work_dir: Path, start: int):
-        self.config, self.stage, self.settings, self.work_dir = config, stage, settings, work_dir
-        self.start, self.started, self.tokens = start, time.perf_counter(), 0
+    def __init__(self, run: TrainingRun, start: int):
+        self.run, self.start = run, start
+        self.started, self.tokens = time.perf_counter(), 0
         self.routing = RoutingStats()
-        self.last_routing: dict = {}
+        self.last_routing: dict[int, LayerRouting] = {}
         self.history: list[dict] = []
+        main = distributed.current().is_main
         self.bar = None
-        if sys.stderr.isatty() and distributed.current().is_main:
-            from tqdm import tqdm
+        if sys.stderr.isatty() and main:
+            from tqdm import tqdm  # only on a terminal
 
-            self.bar = tqdm(total=settings.steps, initial=start, desc=f"stage {stage}", leave=False)
+            self.bar = tqdm(total=run.settings.steps, initial=start, desc=run.name, leave=False)
         self.writer = None
-        if config.train.tensorboard and distributed.current().is_main:
-            from torch.utils.tensorboard import SummaryWriter
+        if run.config.train.tensorboard and main:
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
-            self.writer = SummaryWriter(str(work_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(run.checkpoint_dir / "tensorboard"))
 
     def tokens_per_second(self) -> float:
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)
 
-    def step_done(self, step: int, values: dict[str, float], lr: float, tokens: int) -> None:
-        self.tokens += tokens
-        done = step + 1
+    def step_done(self, step: int, outcome: StepOutcome, lr: float) -> None:
+        self.tokens += outcome.tokens
+        done, steps, values, train = step + 1, self.run.settings.steps, outcome.losses, self.run.config.train
         rate = self.tokens_per_second()
-        eta = (self.settings.steps - done) * (time.perf_counter() - self.started) / max(done - self.start, 1)
-        weights = {"balance": self.config.train.alpha, "lpr": self.config.train.gamma, "classifier": self.config.train.beta}
+        eta = (steps - done) * (time.perf_counter() - self.started) / max(done - self.start, 1)
+        weights = {"balance": train.alpha, "lpr": train.gamma, "classifier": train.beta}
         terms = " ".join(f"{k} {v:.4f}" + (f" (x{weights[k]}={weights[k] * v:.4f})" if k in weights else "")
                          for k, v in values.items() if k != "total")
-        line = (f"stage {self.stage} step {done}/{self.settings.steps} | loss {values['total']:.4f} | {terms} | "
+        line = (f"{self.run.name} step {done}/{steps} | loss {values['total']:.4f} | {terms} | "
                 f"lr {lr:.2e} | {rate:,.0f} tok/s | ETA {eta:.0f}s")
         if self.bar is not None:
             self.bar.update(1)
@@ -268,23 +379,17 @@ class _Reporter:
         else:
             log.info(line)
         if self.writer is not None:
+            tag = f"stage{self.run.training_stage}"
             for k, v in values.items():
-                self.writer.add_scalar(f"stage{self.stage}/{k}", v, done)
-            self.writer.add_scalar(f"stage{self.stage}/lr", lr, done)
-        if done % self.config.train.stats_every == 0 or done == self.settings.steps:
+                self.writer.add_scalar(f"{tag}/{k}", v, done)
+            self.writer.add_scalar(f"{tag}/lr", lr, done)
+        if done % train.stats_every == 0 or done == steps:
             self._report_routing(done)
 
     def _report_routing(self, step: int) -> None:
-        log.info(f"stage {self.stage} routing @ step {step}: {self.routing.one_line()}")
+        log.info(f"{self.run.name} routing @ step {step}: {self.routing.one_line()}")
         self.last_routing = self.routing.summary()
         if distributed.current().is_main:
-            self.history.append({"step": step, "layers": self.last_routing})
-            write_json(self.work_dir / "routing_stats.json", self.history)
+            self.history.append({"step": step, "layers": routing_to_json(self.last_routing)})
+            write_json(self.run.checkpoint_dir / "routing_stats.json", self.history)
         self.routing = RoutingStats()
-
-
-def describe_settings(config: RunConfig, stage: int) -> dict:
-    """The config slice a training stage depends on (for its manifest)."""
-    excluded = ("stage1", "stage2", "ep_size")  # ep_size: a layout choice, checkpoints move between layouts
-    return {"train": {k: v for k, v in to_dict(config.train).items() if k not in excluded},
-            "stage": to_dict(config.train.stage1 if stage == 1 else config.train.stage2), "seed": config.seed}

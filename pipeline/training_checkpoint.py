@@ -145,3 +145,39 @@ def resume_other_layout(scheduler, checkpoint: SavedCheckpoint, layout: Layout, 
     log.warn(f"resumed from {checkpoint.tag_dir} at step {checkpoint.step} with another layout "
              f"({checkpoint.layout} -> {layout}): weights, schedule and RNG restored, optimizer moments start over")
     return checkpoint.step
+
+
+class ResumePoint:
+    """Where a training stage starts, and how it gets there: from step 0, or from the newest checkpoint, saved
+    with this layout or another one. Used at the two moments resuming needs:
+
+    * :meth:`load_weights_before_sharding`, right after the model is loaded: with another layout the
+      checkpoint's weights go into the whole model (DeepSpeed cannot read them into this layout);
+    * :meth:`restore`, once the DeepSpeed engine exists: with the same layout DeepSpeed restores everything;
+      with another, the learning-rate schedule is replayed and the RNG restored. Returns the step to continue from.
+    """
+
+    def __init__(self, checkpoint_dir: Path, layout: Layout):
+        self.checkpoint = latest_checkpoint(checkpoint_dir)
+        self.layout = layout
+        self._saved_rng: torch.Tensor | None = None  # another layout: the RNG state read with the weights
+
+    @property
+    def other_layout(self) -> bool:
+        """Whether the checkpoint was saved with another layout than this run's."""
+        return self.checkpoint is not None and self.checkpoint.layout != self.layout
+
+    def load_weights_before_sharding(self, model: torch.nn.Module) -> None:
+        """With another layout: the checkpoint's weights into the unsharded model (nothing to do otherwise)."""
+        if self.other_layout:
+            self._saved_rng = load_weights(model, self.checkpoint)
+
+    def restore(self, engine, scheduler) -> int:
+        """The rest of the state, once the engine exists; returns the step to continue from (0: no checkpoint)."""
+        if self.checkpoint is None:
+            return 0
+        if not self.other_layout:
+            return resume_same_layout(engine, self.checkpoint)
+        if self._saved_rng is None:
+            raise RuntimeError("ResumePoint.restore before load_weights_before_sharding")
+        return resume_other_layout(scheduler, self.checkpoint, self.layout, self._saved_rng)

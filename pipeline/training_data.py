@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import log
-from pipeline.config import RunConfig, StageTrainConfig
+from pipeline.config import RunConfig, TrainingStage
 from pipeline.corpus import language_documents
 from pipeline.errors import LayerMoEError
 from pipeline.packing import PackedBlocks, iter_packed
@@ -32,20 +32,21 @@ class StageData:
         return self.original[language_ids]
 
 
-def stage_languages(config: RunConfig, round_index: int, stage: int) -> tuple[list[str], dict[str, int]]:
-    """Languages of a stage and the token budget of each."""
-    settings: StageTrainConfig = config.train.stage1 if stage == 1 else config.train.stage2
+def stage_languages(config: RunConfig, round_index: int,
+                    training_stage: TrainingStage) -> tuple[list[str], dict[str, int]]:
+    """Languages of a training stage and the token budget of each."""
+    settings = config.train.for_stage(training_stage)
     new = list(config.rounds[round_index].languages)
     budget = {lang: settings.tokens_per_language for lang in new}
-    if stage == 2 and settings.replay_tokens_per_language > 0:
+    if training_stage == 2 and settings.replay_tokens_per_language > 0:
         budget.update({lang: settings.replay_tokens_per_language for lang in config.languages_before(round_index)})
     return list(budget), budget
 
 
-def build_stage_data(config: RunConfig, round_index: int, stage: int, tokenizer) -> StageData:
-    """Pack every language of the stage (train split) and shuffle the blocks with the run's seed."""
-    settings: StageTrainConfig = config.train.stage1 if stage == 1 else config.train.stage2
-    languages, budget = stage_languages(config, round_index, stage)
+def build_stage_data(config: RunConfig, round_index: int, training_stage: TrainingStage, tokenizer) -> StageData:
+    """Pack every language of the training stage (train split) and shuffle the blocks with the run's seed."""
+    settings = config.train.for_stage(training_stage)
+    languages, budget = stage_languages(config, round_index, training_stage)
     ids, langs = [], []
     for index, lang in enumerate(languages):
         max_blocks = max(1, budget[lang] // settings.block_length)
@@ -60,9 +61,9 @@ def build_stage_data(config: RunConfig, round_index: int, stage: int, tokenizer)
         if count == 0:
             raise LayerMoEError(f"language {lang!r} has too little text for one block of {settings.block_length} tokens")
         if count < max_blocks:
-            log.warn(f"language {lang!r}: {count * settings.block_length:,} tokens available for stage {stage}, "
+            log.warn(f"language {lang!r}: {count * settings.block_length:,} tokens available for stage {training_stage}, "
                      f"fewer than the requested {budget[lang]:,}")
-        log.info(f"stage {stage} data: {lang} {count} blocks x {settings.block_length} tokens")
+        log.info(f"stage {training_stage} data: {lang} {count} blocks x {settings.block_length} tokens")
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
     blocks = PackedBlocks(torch.tensor(ids)[order], torch.tensor(langs)[order], languages)
     original = torch.tensor([lang in config.old_languages for lang in languages])

@@ -5,10 +5,11 @@
 #   sbatch --nodes=2 --gpus-per-node=8 slurm/expand.sh configs/qwen15_1.8b_lifelong.yaml
 #   sbatch --export=ALL,LAYERMOE_PROCS_PER_NODE=2 slurm/expand.sh my.yaml   # CPU nodes: 2 processes per node
 #
-# How it runs. Stages run in order, round after round (round r+1 starts from round r's trained model).
-# The data-parallel stages (analyze, train_stage1, train_stage2) are one Slurm step each: one task per node
-# starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID --num_nodes $SLURM_NNODES), which
-# starts one process per GPU of the node (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES), or on CPU-only nodes
+# How it runs. Stages run in order, round after round (round r+1 starts from round r's trained model); the
+# stage list comes from the stage table (pipeline/stages.py) through `python -m pipeline.cluster preflight`.
+# The stages that split their work over ranks (analyze, train_stage1, train_stage2) are one Slurm step each:
+# one task per node starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID --num_nodes
+# $SLURM_NNODES), which starts one process per GPU of the node (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES), or on CPU-only nodes
 # LAYERMOE_PROCS_PER_NODE processes (default 1); rank 0 is on the first node of the job. The other stages
 # (allocate, upcycle, evaluate) run once, in this script, on the first node. Each stage is a separate step
 # rather than one `layermoe run`, because only srun can put a launcher on every node, and so that every stage
@@ -44,8 +45,9 @@ PY=${LAYERMOE_PYTHON:-$PWD/.venv/bin/python}
 
 say() { echo "[expand $(date +%T)] $*"; }
 
-# The config checked against this node (nothing written when it fails): run directory, rounds, stages, processes.
-plan=$("$PY" -m pipeline.launch preflight "$CONFIG" "$@")
+# The config checked against this node (nothing written when it fails): run directory, rounds, stages (and which
+# of them split over ranks), GPUs and processes per node.
+plan=$("$PY" -m pipeline.cluster preflight "$CONFIG" "$@")
 get() { sed -n "s/^$1=//p" <<<"$plan"; }
 RUN_DIR=$(get run_dir)
 ROUNDS=$(get rounds)
@@ -76,7 +78,7 @@ for round in $ROUNDS; do
       port=$((PORT_BASE + launched % 30))
       launched=$((launched + 1))
       command=(srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-               "$PY" -m pipeline.launch stage "$stage" --config "$CONFIG" --round "$round"
+               "$PY" -m pipeline.cluster stage "$stage" --config "$CONFIG" --round "$round"
                --processes-per-node "$PROCS" --nodes "$NODES" --master-addr "$HEAD" --master-port "$port"
                --hostfile "$HOSTFILE" "$@")
     else

@@ -1,6 +1,6 @@
 """Entry point of the upcycle stage: `python stages/upcycle.py --config C [--round R] [--force] [KEY=VALUE ...]`.
 
-Also under torchrun, `deepspeed`, `mpirun` and `srun` (see pipeline/launch.py)."""
+Also under torchrun, `deepspeed`, `mpirun` and `srun` (see pipeline/ranks.py)."""
 
 import sys
 

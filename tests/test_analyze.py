@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from conftest import make_tiny_model, synthetic_documents
 from pipeline.analyze import accumulate_unit_sums, language_means, token_chunks
 from pipeline.base_model import ffn_modules, load_causal_lm
-from pipeline.launch import free_port
+from pipeline.ranks import free_port
 from pipeline.packing import load_tokenizer
 from pipeline.similarity import layer_scores, pairwise_similarities
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
-from pipeline.launch import free_port
+from pipeline.ranks import free_port
 from pipeline.expert_parallel import (DeepSpeedMoEMarker, ExpertPlacement, RemoteExpert, expert_parallel_forward,
                                       expert_parallel_group, mark_expert_parameters, owned_expert_state,
                                       place_experts, shard_block, shard_model, unshard_model)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_model, synthetic_documents, write_jsonl
-from pipeline import launch
+from pipeline import cluster, ranks
 from pipeline.errors import LayerMoEError
-from pipeline.launch import (StageProcessesFailed, discover_ranks, free_port, launch_stage_command,
-                             run_stage_in_processes)
+from pipeline.launch import StageProcessesFailed, launch_stage_command, run_stage_in_processes
+from pipeline.ranks import discover_ranks, free_port
+from pipeline.stages import get_stage
 from test_slurm import slurm_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,20 +98,22 @@ def test_run_stage_in_processes_matches_one_and_reports_failure(analyze_setup, t
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run_stage_in_processes(config, "analyze", "g1", [f"run_dir={tmp_path / 'ok'}"], 2)
+    analyze = get_stage("analyze")
+    run_stage_in_processes("analyze", analyze.entry_argv, config, "g1", [f"run_dir={tmp_path / 'ok'}"], 2)
     assert_same_similarity(single, tmp_path / "ok")
     with pytest.raises(StageProcessesFailed, match="analyze \\(g1\\) failed in 2 processes with exit code 2") as e:
-        run_stage_in_processes(config, "analyze", "g1", [f"run_dir={tmp_path / 'bad'}", "analyze.batch_size=0"], 2)
+        run_stage_in_processes("analyze", analyze.entry_argv, config, "g1",
+                               [f"run_dir={tmp_path / 'bad'}", "analyze.batch_size=0"], 2)
     assert e.value.returncode == 2 and not (tmp_path / "bad").exists()
 
 
 def test_two_nodes_as_slurm_expand_starts_them(analyze_setup, tmp_path):
-    """slurm/expand.sh's multi-node path on one machine: one `python -m pipeline.launch stage` per "node"."""
+    """slurm/expand.sh's multi-node path on one machine: one `python -m pipeline.cluster stage` per "node"."""
     config, single = analyze_setup
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
     port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "pipeline.launch", "stage", "analyze", "--config", str(config),
+    nodes = [subprocess.Popen([sys.executable, "-m", "pipeline.cluster", "stage", "analyze", "--config", str(config),
                                "--round", "g1", "--nodes", "2", "--node-rank", str(rank), "--master-port", str(port),
                                "--hostfile", str(hostfile), f"run_dir={tmp_path / 'run'}"],
                               cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -122,18 +125,22 @@ def test_two_nodes_as_slurm_expand_starts_them(analyze_setup, tmp_path):
 
 
 def test_launch_stage_command():
-    cmd = launch_stage_command("c.yaml", "train_stage2", "g1", ["a.b=1"], 4, master_port=29555, force=True)
+    cmd = launch_stage_command(get_stage("train_stage2").entry_argv, "c.yaml", "g1", ["a.b=1"], 4, master_port=29555,
+                               force=True)
     assert cmd[1:] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "4", "--master_addr", "127.0.0.1",
                        "--master_port", "29555", str(ROOT / "stages" / "train.py"), "--stage", "2",
                        "--config", "c.yaml", "--round", "g1", "--force", "a.b=1"]
-    multi = launch_stage_command("c.yaml", "analyze", None, [], 8, nodes=2, node_rank=1, master_addr="n1",
+    analyze = get_stage("analyze").entry_argv
+    multi = launch_stage_command(analyze, "c.yaml", None, [], 8, nodes=2, node_rank=1, master_addr="n1",
                                  master_port=29555, hostfile="hosts")
     assert multi[multi.index("--hostfile"):multi.index(str(ROOT / "stages" / "analyze.py"))] == [
         "--hostfile", "hosts", "--no_ssh", "--node_rank", "1", "--num_nodes", "2"]
     with pytest.raises(LayerMoEError, match="hostfile and a master port"):
-        launch_stage_command("c.yaml", "analyze", nodes=2)
-    with pytest.raises(LayerMoEError, match="no entry point"):
-        launch_stage_command("c.yaml", "nonexistent")
+        launch_stage_command(analyze, "c.yaml", nodes=2)
+    with pytest.raises(LayerMoEError, match="entry point .*nonexistent.py does not exist"):
+        launch_stage_command([str(ROOT / "stages" / "nonexistent.py")], "c.yaml")
+    with pytest.raises(LayerMoEError, match="unknown stage 'nonexistent'"):
+        get_stage("nonexistent")
 
 
 def set_env(monkeypatch, **variables: str) -> None:
@@ -152,11 +159,11 @@ def test_discover_ranks_from_slurm_variables(monkeypatch):
     step = dict(SLURM_JOB_ID="812", SLURM_STEP_ID="3", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_STEP_NUM_TASKS="4",
                 SLURM_STEP_NUM_NODES="1", SLURM_STEP_NODELIST="node7")
     set_env(monkeypatch, **step)
-    assert discover_ranks() == launch.Ranks(3, 4, 1, "slurm")
+    assert discover_ranks() == ranks.Ranks(3, 4, 1, "slurm")
     assert {k: os.environ[k] for k in LAUNCHER_VARIABLES} == {
         "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(launch.slurm_port(812, 3))}
-    assert discover_ranks() == launch.Ranks(3, 4, 1, "env")  # a second call reads what the first exported
+        "MASTER_PORT": str(ranks.slurm_port(812, 3))}
+    assert discover_ranks() == ranks.Ranks(3, 4, 1, "env")  # a second call reads what the first exported
 
     set_env(monkeypatch, **step, MASTER_ADDR="10.0.0.5", MASTER_PORT="29999")  # configured rendezvous is kept
     discover_ranks()
@@ -164,15 +171,15 @@ def test_discover_ranks_from_slurm_variables(monkeypatch):
 
     # a batch script has SLURM_PROCID/SLURM_NTASKS but is one process: no SLURM_STEP_* variables
     set_env(monkeypatch, SLURM_JOB_ID="812", SLURM_PROCID="0", SLURM_NTASKS="4")
-    assert discover_ranks() == launch.Ranks(0, 1, 0, "none") and "RANK" not in os.environ
+    assert discover_ranks() == ranks.Ranks(0, 1, 0, "none") and "RANK" not in os.environ
 
 
 def test_preflight_refuses_bf16_without_gpus(analyze_setup, monkeypatch, capsys):
     config, _ = analyze_setup
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("LAYERMOE_PROCS_PER_NODE", "3")
-    assert launch.main(["preflight", str(config)]) == 0
+    assert cluster.main(["preflight", str(config)]) == 0
     out = capsys.readouterr().out
     assert "rounds=g1\n" in out and "processes_per_node=3\n" in out and "gpus_per_node=0\n" in out
-    assert launch.main(["preflight", str(config), "train.ds_config=ds_configs/zero1_bf16.json"]) == 2
+    assert cluster.main(["preflight", str(config), "train.ds_config=ds_configs/zero1_bf16.json"]) == 2
     assert "this node has no GPUs" in capsys.readouterr().err

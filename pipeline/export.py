@@ -1,4 +1,6 @@
-"""Saving an expanded model as a self-contained HF directory (weights, config, modeling code, tokenizer)."""
+"""Exporting an expanded model as a self-contained HF directory (weights, config, modeling code, tokenizer).
+
+Not to be confused with ``training_checkpoint.py`` (DeepSpeed checkpoints to resume a training stage)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
-def save_expanded(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
+def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
     """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json with ``auto_map`` (so
     ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package), the
     modeling code, and the tokenizer files found in ``tokenizer_from``."""

@@ -1,0 +1,408 @@
+"""The pipeline's stages: one table (:data:`STAGES`) and, for each stage, the function that runs it for a round.
+
+Everything that lists stages reads the table: the run loop (``pipeline/runner.py``), the ``layermoe``
+subcommands (``pipeline/cli.py``), the multi-process launch and the Slurm script (``pipeline/cluster.py``,
+``slurm/expand.sh``). Adding a stage is one :class:`Stage` entry, its run function here, and its script in
+``stages/``.
+
+Each run function reads its inputs from earlier stages' directories (``pipeline/run_dir.py``) and writes its
+own through ``pipeline.manifest.run_stage``: atomically, with a manifest, skipped when up to date. The
+manifest's config slice is made from the same settings object the stage's body reads, so the two cannot
+disagree::
+
+    runs/<name>/<round>/analyze/   similarity.json, similarity.png, manifest.json
+    runs/<name>/<round>/allocate/  allocation.json, allocation.png, manifest.json
+    runs/<name>/<round>/upcycle/   model/ (expanded HF directory), manifest.json
+    runs/<name>/<round>/train_stage1/, train_stage2/   model/, routing_stats.json, manifest.json
+    runs/<name>/<round>/evaluate/  report.json, report.md, *.png, manifest.json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline import distributed, log
+from pipeline.allocate import allocate, read_allocation
+from pipeline.analyze import language_means
+from pipeline.atomic import write_json
+from pipeline.base_model import load_causal_lm, pick_device, read_model_config
+from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
+                             UpcycleConfig, to_dict)
+from pipeline.corpus import LanguageSource, iter_documents, language_documents, resolve_source
+from pipeline.errors import LayerMoEError
+from pipeline.eval_report import EvalReport, LanguageGroups
+from pipeline.evaluate import EvalModel, evaluate_models
+from pipeline.export import export_model
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
+from pipeline.manifest import StageSpec, run_stage
+from pipeline.packing import load_tokenizer
+from pipeline.plan import format_plan, plan
+from pipeline.plots import plot_allocation, plot_similarity
+from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
+from pipeline.run_dir import round_input_model, stage_dir, trained_model_dir
+from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
+from pipeline.train import describe_settings, init_deepspeed_distributed, train_stage
+from pipeline.upcycle import ExpansionRound, grow, upcycle
+
+STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+
+
+def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],
+         body: Callable[[Path | None], dict], force: bool) -> Path:
+    """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``), with ``settings`` (a
+    dataclass, or a dict) as the manifest's config slice."""
+    spec = StageSpec(stage=stage, round_name=config.rounds[round_index].name,
+                     out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs)
+    return run_stage(spec, body, force)
+
+
+def _corpus_inputs(sources: dict[str, LanguageSource]) -> dict[str, Path]:
+    return {f"corpus:{lang}": source.path for lang, source in sources.items()}
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """How documents are split into train and held-out parts (``data.heldout_fraction``, ``data.split_seed``)."""
+
+    heldout_fraction: float
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analyze
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """What decides a round's similarity.json."""
+
+    analyze: AnalyzeConfig
+    old: list[str]
+    new: list[str]
+    model_dtype: str
+    split: HeldoutSplit
+    sources: dict[str, LanguageSource]
+
+
+def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """analyze: similarity.json + similarity.png for one round."""
+    old, new = config.languages_before(round_index), list(config.rounds[round_index].languages)
+    model_path = round_input_model(config, round_index)
+    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype,
+                               HeldoutSplit(config.data.heldout_fraction, config.data.split_seed),
+                               {lang: resolve_source(config, lang) for lang in old + new})
+    body = functools.partial(_analyze, settings, config.rounds[round_index].name, model_path, config.model.device)
+    return _run(config, round_index, "analyze", settings, {"model": model_path, **_corpus_inputs(settings.sources)},
+                body, force)
+
+
+def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, device: str, out: Path | None) -> dict:
+    a, old, new, split = settings.analyze, settings.old, settings.new, settings.split
+    device = pick_device(device)
+    log.info(f"analyze: loading {model_path} ({settings.model_dtype}, {device})")
+    model = load_causal_lm(model_path, settings.model_dtype, device)
+    documents = {lang: iter_documents(source, "train", split.heldout_fraction, split.seed)
+                 for lang, source in settings.sources.items()}
+    means, counts = language_means(model, load_tokenizer(model_path), documents, a.tokens_per_language, a.max_length,
+                                   a.batch_size, a.include_special_tokens)
+    pairs = pairwise_similarities(means)
+    sim = Similarity(old, new, len(next(iter(means.values()))), pairs, layer_scores(pairs, old, new, "nn_no_mean"),
+                     "nn_no_mean")
+    if out is not None:
+        write_json(out / "similarity.json", sim.to_json(tokens=counts, model=str(model_path)))
+        groups = {k: v for k, v in group_similarities(pairs, old, new).items() if k != "all_pairs"}
+        plot_similarity(groups, sim.layer_scores, f"{round_name}: new {new} vs old {old}", out / "similarity.png")
+    lo, hi = min(sim.layer_scores), max(sim.layer_scores)
+    log.info(f"analyze {round_name}: S ranges {lo:.4f}..{hi:.4f} over {sim.num_layers} layers "
+             f"(lowest at layer {sim.layer_scores.index(lo)}, highest at layer {sim.layer_scores.index(hi)})")
+    return {"tokens": counts, "num_layers": sim.num_layers}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# allocate
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllocateSettings:
+    """What decides a round's allocation.json (besides its inputs, similarity.json and the model's config)."""
+
+    allocate: AllocateConfig
+
+
+def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """allocate: allocation.json + allocation.png for one round, from that round's similarity.json."""
+    settings = AllocateSettings(config.allocate_for(round_index))
+    model_path = round_input_model(config, round_index)
+    similarity_file = stage_dir(config, round_index, "analyze") / "similarity.json"
+    if not similarity_file.is_file():
+        raise LayerMoEError(f"allocate {config.rounds[round_index].name}: {similarity_file} does not exist; run the "
+                            f"analyze stage first")
+    body = functools.partial(_allocate, settings, config.rounds[round_index], model_path, similarity_file)
+    return _run(config, round_index, "allocate", settings,
+                {"similarity": similarity_file, "model_config": model_path / "config.json"}, body, force)
+
+
+def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, similarity_file: Path,
+              out: Path | None) -> dict:
+    model_config = read_model_config(model_path)
+    existing = model_config.get("experts_per_layer")  # an expanded model grows by this round's experts
+    base_config = model_config["base_config"] if existing else model_config
+    sim = read_similarity(similarity_file)
+    scores = layer_scores(sim.pairs, sim.old, sim.new, settings.allocate.aggregation)
+    result = allocate(settings.allocate, scores, base_config["num_hidden_layers"])
+    totals = [e + n - 1 for e, n in zip(existing, result.experts_per_layer)] if existing else result.experts_per_layer
+    params = plan(base_config, totals, result.classifier_layers)
+    log.info(f"allocate {rnd.name}: {result.method} -> experts per layer {result.experts_per_layer} "
+             f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
+    log.info("parameter plan (top-2):\n" + format_plan(params))
+    if out is not None:
+        write_json(out / "allocation.json", result.to_json(
+            aggregation=settings.allocate.aggregation, round=rnd.name, new_languages=rnd.languages,
+            parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total}))
+        plot_allocation(result.experts_per_layer, result.classifier_layers,
+                        f"{rnd.name}: {sum(result.new_experts_per_layer)} new experts ({result.method})",
+                        out / "allocation.png")
+    return {"total_new_experts": sum(result.new_experts_per_layer), "classifier_layers": result.classifier_layers}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# upcycle
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpcycleSettings:
+    """What decides a round's expanded model (besides its inputs, the round's input model and allocation.json)."""
+
+    upcycle: UpcycleConfig
+    seed: int
+    model_dtype: str
+    old_languages: list[str]
+
+
+def verification_text(config: RunConfig, languages: list[str], tokenizer, tokens: int = 96) -> torch.Tensor:
+    """A short real sample (the start of the first document of each language) for function-preservation checks."""
+    ids = []
+    for lang in languages:
+        document = next(language_documents(config, lang, "train"))
+        ids += tokenizer(document)["input_ids"][: tokens // len(languages)]
+    return torch.tensor([ids])
+
+
+def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
+    model, checked to compute the same logits; later rounds: grow the previous round's model)."""
+    settings = UpcycleSettings(config.upcycle, config.seed, config.model.dtype, config.old_languages)
+    model_path = round_input_model(config, round_index)
+    allocation_file = stage_dir(config, round_index, "allocate") / "allocation.json"
+    sample_languages = config.languages_before(round_index) + list(config.rounds[round_index].languages)
+    verification = functools.partial(verification_text, config, sample_languages)
+    body = functools.partial(_upcycle, settings, config.rounds[round_index], model_path, allocation_file, verification)
+    return _run(config, round_index, "upcycle", settings, {"model": model_path, "allocation": allocation_file},
+                body, force)
+
+
+def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allocation_file: Path,
+             verification: Callable[[Any], torch.Tensor], out: Path | None) -> dict:
+    """Upcycle (dense input, checked on ``verification(tokenizer)``'s sample) or grow (expanded input)."""
+    u = settings.upcycle
+    allocation = read_allocation(allocation_file)
+    model = load_causal_lm(model_path, settings.model_dtype, "cpu")
+    expansion = ExpansionRound(rnd.name, list(rnd.languages), allocation.experts_per_layer,
+                               allocation.classifier_layers)
+    summary: dict = {"experts_per_layer": None}
+    if isinstance(model, LayerMoEForCausalLM):
+        log.info(f"upcycle {rnd.name}: growing {model_path} by {sum(allocation.new_experts_per_layer)} experts")
+        expanded = grow(model, expansion, keep_router_rows=u.keep_router_rows, seed=settings.seed)
+    else:
+        log.info(f"upcycle {rnd.name}: {sum(allocation.new_experts_per_layer)} new experts, "
+                 f"classifiers in layers {allocation.classifier_layers}")
+        sample = verification(load_tokenizer(model_path))
+        with torch.no_grad():
+            dense_logits = model(sample).logits
+        expanded = upcycle(model, expansion, settings.old_languages, u.top_k, u.pooling, settings.seed)
+        with torch.no_grad():
+            diff = (expanded(sample).logits - dense_logits).abs().max().item()
+        log.info(f"upcycle {rnd.name}: max |logit difference| to the dense model = {diff:.2e} "
+                 f"over {sample.shape[1]} tokens (tolerance {u.verify_tolerance})")
+        if not diff <= u.verify_tolerance:
+            raise LayerMoEError(f"upcycled model does not reproduce the dense model: max logit difference {diff:.3e} "
+                                f"> upcycle.verify_tolerance {u.verify_tolerance}")
+        summary["max_logit_difference"] = diff
+    summary["experts_per_layer"] = expanded.config.experts_per_layer
+    summary["classifier_layers"] = expanded.config.classifier_layers
+    if out is not None:
+        export_model(expanded, out / "model", tokenizer_from=model_path)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_stage1, train_stage2
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, force: bool = False) -> Path:
+    """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory."""
+    name = f"train_stage{training_stage}"
+    model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
+    if not model_in.is_dir():
+        raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: input model {model_in} does not exist; run "
+                            f"the earlier stages first")
+    settings = describe_settings(config, training_stage)
+    sources = {lang: resolve_source(config, lang) for lang in config.languages_before(round_index + 1)}
+    checkpoints = stage_dir(config, round_index, f"{name}.checkpoints")
+    body = functools.partial(_train, config, round_index, training_stage, settings, model_in, checkpoints)
+    return _run(config, round_index, name, settings, {"model": model_in, **_corpus_inputs(sources)}, body, force)
+
+
+def run_train_stage1(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """train_stage1: this round's new experts and the routers, on the new languages."""
+    return run_train(config, round_index, 1, force)
+
+
+def run_train_stage2(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """train_stage2: routers and classifiers, on the new languages plus replay of the earlier ones."""
+    return run_train(config, round_index, 2, force)
+
+
+def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, settings: dict, model_in: Path,
+           checkpoints: Path, out: Path | None) -> dict:
+    """Train on every rank; the checkpoints of other settings (``fingerprint.json``) are discarded first."""
+    init_deepspeed_distributed()
+    marker = checkpoints / "fingerprint.json"
+    if distributed.current().is_main:  # only rank 0 looks: the others would race with its writes
+        if checkpoints.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
+            log.warn(f"{checkpoints} belongs to other settings; starting train_stage{training_stage} from scratch")
+            shutil.rmtree(checkpoints)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json(marker, settings)
+    distributed.barrier()
+    result = train_stage(config, round_index, training_stage, model_in, checkpoints, out / "model" if out else None)
+    if out is not None and (checkpoints / "routing_stats.json").exists():
+        shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
+    return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
+            "peak_memory_gib": result.peak_memory_gib}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What decides a round's report (besides its inputs: the models and the corpora)."""
+
+    evaluate: EvaluateConfig
+    languages: list[str]
+    models: list[str]  # labels
+
+
+def evaluated_models(config: RunConfig, round_index: int) -> list[EvalModel]:
+    """The models a round's evaluation scores: the base model, then each round's (stage-1 and) final model."""
+    models = [EvalModel("base", round_input_model(config, 0))]
+    for q in range(round_index + 1):
+        name = config.rounds[q].name
+        if config.evaluate.include_stage1_models:
+            models.append(EvalModel(f"{name}/stage1", stage_dir(config, q, "train_stage1") / "model"))
+        models.append(EvalModel(name, trained_model_dir(config, q)))
+    return models
+
+
+def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """evaluate: the base model and every model of the run up to this round, on every language so far."""
+    models = evaluated_models(config, round_index)
+    known = config.languages_before(round_index + 1)
+    languages = LanguageGroups([l for l in known if l in config.old_languages],
+                               [l for l in known if l not in config.old_languages])
+    settings = EvaluateSettings(config.evaluate, languages.all, [m.label for m in models])
+    sources = {lang: resolve_source(config, lang) for lang in languages.all}
+    body = functools.partial(_evaluate, config, round_index, models, languages)
+    return _run(config, round_index, "evaluate", settings,
+                {**{f"model:{m.label}": m.path for m in models}, **_corpus_inputs(sources)}, body, force)
+
+
+def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,
+              out: Path | None) -> dict:
+    translate = {"base"} | {config.rounds[q].name for q in range(round_index + 1)}
+    report = evaluate_models(config, models, languages, translate, config.rounds[round_index].name)
+    if out is not None:
+        figures = _report_figures(config, round_index, report, out)
+        write_json(out / "report.json", report.to_json())
+        write_report_md(report, out / "report.md", figures)
+    log.info("perplexity, base vs final model:\n" + short_table(report))
+    return {"group_average": report.to_json()["group_average"]}
+
+
+def _report_figures(config: RunConfig, round_index: int, report: EvalReport, out: Path) -> list[str]:
+    """Plot the report's figures into ``out`` and copy in each round's similarity and allocation plots."""
+    figures = ["perplexity.png"]
+    plot_perplexity(report, out / "perplexity.png")
+    for label, results in report.models.items():
+        if results.routing is not None:
+            name = f"routing_{label.replace('/', '_')}.png"
+            plot_routing_heatmap(results.routing, f"{label}: expert load per language", out / name)
+            figures.append(name)
+    for q in range(round_index + 1):
+        for stage, png in (("analyze", "similarity.png"), ("allocate", "allocation.png")):
+            source = stage_dir(config, q, stage) / png
+            if source.exists():
+                target = f"{config.rounds[q].name}_{png}"
+                shutil.copyfile(source, out / target)
+                figures.append(target)
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage."""
+
+    name: str
+    run: Callable[[RunConfig, int, bool], Path]  # run(config, round_index, force) -> the stage directory
+    splits_over_ranks: bool  # started in several processes, it splits its work over them
+    help: str
+    entry: tuple[str, ...]  # its script in stages/ and the script's fixed arguments
+
+    @property
+    def entry_argv(self) -> list[str]:
+        """The entry script's path and fixed arguments, as a command line starts it."""
+        return [str(STAGES_DIR / self.entry[0]), *self.entry[1:]]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("analyze", run_analyze, True, "layer-wise similarity of new vs old languages -> similarity.json",
+          ("analyze.py",)),
+    Stage("allocate", run_allocate, False, "similarity -> experts per layer and classifier layers -> allocation.json",
+          ("allocate.py",)),
+    Stage("upcycle", run_upcycle, False, "round's input model + allocation -> expanded MoE model (HF directory)",
+          ("upcycle.py",)),
+    Stage("train_stage1", run_train_stage1, True, "train new experts + routers on the new languages (DeepSpeed)",
+          ("train.py", "--stage", "1")),
+    Stage("train_stage2", run_train_stage2, True, "train routers + classifiers on new + replay text (DeepSpeed)",
+          ("train.py", "--stage", "2")),
+    Stage("evaluate", run_evaluate, False, "perplexity, forgetting, routing, translation -> report.json / report.md",
+          ("evaluate.py",)),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called ``name``."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise LayerMoEError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
