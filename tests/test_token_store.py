@@ -24,7 +24,7 @@ from pipeline.config import (ConfigError, DataConfig, EvaluateConfig, RoundConfi
                              StageTrainConfig, TrainConfig, validate)
 from pipeline.corpus import LanguageSource, is_heldout, iter_documents
 from pipeline.errors import LayerMoEError
-from pipeline.launch import free_port
+from pipeline.ranks import free_port
 from pipeline.packing import encode_document, iter_packed, load_tokenizer
 from pipeline.token_blocks import BlockView, sample_chunks
 from pipeline.token_store import TokenStore, id_dtype, tokenizer_fingerprint
@@ -192,7 +192,7 @@ def test_heldout_blocks_equal_evaluate(tmp_path, corpus, tokenizer_dir):
 
 
 def test_second_open_and_later_round_tokenize_nothing(tmp_path, corpus, tokenizer_dir, capsys):
-    from pipeline.checkpoint import TOKENIZER_FILES
+    from pipeline.export import TOKENIZER_FILES
 
     request = _request(corpus["hu"], "hu")
     first = build_stores([request], TokenizerSpec(tokenizer_dir), tmp_path / "tokens", workers=1, shard_chars=1500)
