@@ -135,18 +135,6 @@ def iter_split_documents(source: LanguageSource, heldout_fraction: float, seed: 
         raise LayerMoEError(f"language {source.language!r}: corpus {str(source.path)!r} has no non-empty documents")
 
 
-def iter_documents(source: LanguageSource, split: Split, heldout_fraction: float, seed: int) -> Iterator[str]:
-    """Stream the non-empty documents of one split (surrounding whitespace stripped), in corpus order.
-    An empty corpus is an error."""
-    return (text for side, text in iter_split_documents(source, heldout_fraction, seed) if side == split)
-
-
 def source_size(source: LanguageSource) -> int:
     """Bytes on disk of the files a source reads (for progress estimates)."""
     return sum(Path(f).stat().st_size for f in _data_files(source.path))
-
-
-def language_documents(config: RunConfig, language: str, split: Split) -> Iterator[str]:
-    """Documents of ``language`` for ``split``, as configured in ``config``."""
-    source = resolve_source(config, language)
-    return iter_documents(source, split, config.data.heldout_fraction, config.data.split_seed)

@@ -14,7 +14,7 @@ from pipeline.token_store import TokenStore
 
 class BlockView:
     """Block ``j`` of a store is ``tokens[j * block_length:(j + 1) * block_length]`` of its token stream; a trailing
-    partial block is dropped. These are exactly the blocks ``packing.iter_packed`` makes of the same documents."""
+    partial block is dropped (the blocks of packing the documents' tokens in memory, one after another)."""
 
     def __init__(self, store: TokenStore, block_length: int):
         if block_length < 2:

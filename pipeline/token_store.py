@@ -10,10 +10,12 @@ finds the store its base model's run made. Layout (numpy ``.npy`` files, as Mega
     offsets.npy    int64 [documents + 1]: document d is ids[offsets[d]:offsets[d + 1]]
     separator.npy  bool [documents]: an EOS was appended to the tokenizer's output as the separator
 
-The token stream ``ids`` is exactly what ``packing.iter_packed`` concatenates: ``packing.encode_document`` of each
-document, in corpus order. Readers ``pread`` token ranges from ``ids.npy`` (a training process's memory stays flat
-however much it has read: a memory map would keep every page it touched mapped) and memory-map the small arrays. While a store is being made, its documents collect in parts of the same three arrays
-(``part-<i>/`` of a work directory, see ``tokenize_corpus``); :func:`concatenate_parts` joins them.
+The token stream ``ids`` is every document encoded by the rule :data:`ENCODING` (``packing.needs_separator``), in
+corpus order: what packing the documents in memory gave (``tests/reference_data.py`` keeps that as the reference).
+Readers ``pread`` token ranges from ``ids.npy`` (a training process's memory stays flat however much it has read: a
+memory map would keep every page it touched mapped) and memory-map the small arrays. While a store is being made,
+its documents collect in parts of the same three arrays (``part-<i>/`` of a work directory, see
+``tokenize_corpus``); :func:`concatenate_parts` joins them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pipeline.errors import LayerMoEError
 from pipeline.manifest import hash_file
 
 FORMAT_VERSION = 1
+# part of every store's key; the name is the one of the function that first implemented it (now tests/reference_data.py)
 ENCODING = "encode_document/1: BOS if the tokenizer adds one, the text, EOS appended unless the text ends with it"
 META = "meta.json"
 # Files that decide how a tokenizer encodes text (an expanded model copies them byte for byte).
@@ -108,7 +111,7 @@ class StoreMeta:
         try:
             if data["format_version"] != FORMAT_VERSION:
                 raise LayerMoEError(f"token store {str(store_dir)!r} has format version {data['format_version']}, "
-                                    f"this code reads version {FORMAT_VERSION}; delete it to tokenize again")
+                                    f"this code reads version {FORMAT_VERSION}")
             return cls(StoreKey(**data["key"]), int(data["documents"]), int(data["tokens"]), data["dtype"],
                        int(data["vocab_size"]), data["source_path"], data["created_at"])
         except (KeyError, TypeError, ValueError) as e:
@@ -252,18 +255,23 @@ class TokenStore:
         made with another tokenizer, source or split settings is an error."""
         path = Path(path)
         if not path.is_dir():
-            raise LayerMoEError(f"token store {str(path)!r} does not exist")
-        meta = StoreMeta.read(path)
+            raise LayerMoEError(f"token store {str(path)!r} does not exist; run the tokenize stage (layermoe tokenize "
+                                f"CONFIG)")
+        try:
+            meta = StoreMeta.read(path)
+            dtype = np.dtype(meta.dtype)
+            if dtype != id_dtype(meta.vocab_size):
+                raise LayerMoEError(f"token store {path}: dtype {meta.dtype} does not fit vocab size {meta.vocab_size}")
+            arrays = open_arrays(path, dtype, meta.documents, meta.tokens)
+        except LayerMoEError as e:  # a damaged store: say how to get a good one
+            raise LayerMoEError(f"{e}; delete {path} and run the tokenize stage again") from None
         if expected is not None and meta.key != expected:
             raise LayerMoEError(_mismatch(path, meta.key, expected))
         if tokenizer is not None:
             fingerprint = tokenizer_fingerprint(tokenizer)
             if meta.key.tokenizer != fingerprint:
                 raise LayerMoEError(_mismatch(path, meta.key, dataclasses.replace(meta.key, tokenizer=fingerprint)))
-        dtype = np.dtype(meta.dtype)
-        if dtype != id_dtype(meta.vocab_size):
-            raise LayerMoEError(f"token store {path}: dtype {meta.dtype} does not fit vocab size {meta.vocab_size}")
-        return cls(path, meta, open_arrays(path, dtype, meta.documents, meta.tokens))
+        return cls(path, meta, arrays)
 
     @property
     def num_documents(self) -> int:
@@ -274,7 +282,7 @@ class TokenStore:
         return self._arrays.tokens
 
     def document(self, i: int) -> np.ndarray:
-        """Token ids of document ``i`` as ``packing.encode_document`` gives them."""
+        """Token ids of document ``i``: the tokenizer's, then the separator if one was appended (:data:`ENCODING`)."""
         self._check_document(i)
         return self.tokens(int(self._arrays.offsets[i]), int(self._arrays.offsets[i + 1]))
 

@@ -55,6 +55,7 @@ class StoreRequest:
     splits: tuple[Split, ...]
     heldout_fraction: float
     split_seed: int
+    source_hash: str | None = None  # manifest.hash_path of the source, if the caller has it already (else hashed here)
 
 
 LOCAL_RANK_COUNT_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")  # torchrun, deepspeed, mpirun
@@ -90,7 +91,7 @@ def build_stores(requests: list[StoreRequest], tokenizer: TokenizerSpec, root: P
     keys: dict[tuple[str, Split], StoreKey] = {}
     jobs: list[_LanguageJob] = []
     for request in requests:
-        source_hash = hash_path(request.source.path)
+        source_hash = request.source_hash or hash_path(request.source.path)
         missing = {}
         for split in request.splits:
             key = store_key(request, split, tokenizer, tokenizer_hash, source_hash)
@@ -348,7 +349,8 @@ def _init_worker(spec: TokenizerSpec) -> None:
 
 
 def _tokenize_shard(shard: _Shard) -> int:
-    """Tokenize one shard (``packing.encode_document`` of each text, batched), write it as a part; its token count."""
+    """Tokenize one shard (each text by the rule ``token_store.ENCODING``, in batched tokenizer calls), write it as a
+    part; its token count."""
     tokenizer = _worker_tokenizer
     eos = tokenizer.eos_token_id
     dtype = np.dtype(shard.dtype)
@@ -380,10 +382,13 @@ def tokens_root(config: RunConfig) -> Path:
     return config.cache_path / "tokens"
 
 
-def language_stores(config: RunConfig, splits: dict[str, tuple[Split, ...]], tokenizer_path: Path
-                    ) -> dict[tuple[str, Split], TokenStore]:
-    """The token stores of the given languages' splits for a model's tokenizer, tokenizing any that are missing."""
+def language_stores(config: RunConfig, splits: dict[str, tuple[Split, ...]], tokenizer_path: Path,
+                    source_hashes: dict[str, str] | None = None) -> dict[tuple[str, Split], TokenStore]:
+    """The token stores of the given languages' splits for a model's tokenizer, tokenizing any that are missing.
+    ``source_hashes``: ``manifest.hash_path`` of languages' sources that the caller has computed already."""
+    hashes = source_hashes or {}
     requests = [StoreRequest(resolve_source(config, language), tuple(language_splits), config.data.heldout_fraction,
-                             config.data.split_seed) for language, language_splits in splits.items()]
+                             config.data.split_seed, hashes.get(language))
+                for language, language_splits in splits.items()]
     return build_stores(requests, TokenizerSpec(Path(tokenizer_path)), tokens_root(config),
                         config.data.tokenize_workers)

@@ -1,5 +1,6 @@
-"""Training data of the two stages: packed blocks with a language id per token, in a deterministic order
-that depends only on (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+"""Training data of the two stages: fixed-length blocks of the languages' token stores (``pipeline/token_blocks.py``)
+with a language id per token, in a deterministic order that depends only on (seed, step), so a resumed run sees
+exactly the batches an uninterrupted one would. Each rank reads only the rows of its own micro-batches.
 
 * stage 1: the round's new languages only.
 * stage 2: the new languages plus replay of every earlier language (original + earlier rounds).
@@ -16,20 +17,9 @@ import torch
 
 from pipeline import log
 from pipeline.config import RunConfig, TrainingStage
-from pipeline.corpus import language_documents
 from pipeline.errors import LayerMoEError
-from pipeline.packing import PackedBlocks, iter_packed
 from pipeline.token_blocks import BlockView
 from pipeline.token_store import TokenStore
-
-
-@dataclass
-class StageData:
-    blocks: PackedBlocks
-    original: torch.Tensor  # [num_languages] bool: the language is one of the base model's
-
-    def original_mask(self, language_ids: torch.Tensor) -> torch.Tensor:
-        return self.original[language_ids]
 
 
 def stage_languages(config: RunConfig, round_index: int,
@@ -41,33 +31,6 @@ def stage_languages(config: RunConfig, round_index: int,
     if training_stage == 2 and settings.replay_tokens_per_language > 0:
         budget.update({lang: settings.replay_tokens_per_language for lang in config.languages_before(round_index)})
     return list(budget), budget
-
-
-def build_stage_data(config: RunConfig, round_index: int, training_stage: TrainingStage, tokenizer) -> StageData:
-    """Pack every language of the training stage (train split) and shuffle the blocks with the run's seed."""
-    settings = config.train.for_stage(training_stage)
-    languages, budget = stage_languages(config, round_index, training_stage)
-    ids, langs = [], []
-    for index, lang in enumerate(languages):
-        max_blocks = max(1, budget[lang] // settings.block_length)
-        docs = ((index, text) for text in language_documents(config, lang, "train"))
-        count = 0
-        for block_ids, block_langs in iter_packed(docs, tokenizer, settings.block_length):
-            ids.append(block_ids)
-            langs.append(block_langs)
-            count += 1
-            if count >= max_blocks:
-                break
-        if count == 0:
-            raise LayerMoEError(f"language {lang!r} has too little text for one block of {settings.block_length} tokens")
-        if count < max_blocks:
-            log.warn(f"language {lang!r}: {count * settings.block_length:,} tokens available for stage {training_stage}, "
-                     f"fewer than the requested {budget[lang]:,}")
-        log.info(f"stage {training_stage} data: {lang} {count} blocks x {settings.block_length} tokens")
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
-    blocks = PackedBlocks(torch.tensor(ids)[order], torch.tensor(langs)[order], languages)
-    original = torch.tensor([lang in config.old_languages for lang in languages])
-    return StageData(blocks, original)
 
 
 def micro_batch_indices(num_blocks: int, step: int, micro: int, accumulation: int, rank: int, world: int,
@@ -89,7 +52,8 @@ class StageMix:
 
     Language ``i`` contributes ``counts[i]`` blocks: its blocks in stream order, repeated (epochs) when it has fewer.
     Global block ``g`` is ``order[g]`` of those blocks concatenated language after language, ``order`` a permutation
-    seeded with ``seed``: the same block order as ``build_stage_data`` made, 8 bytes of memory per block.
+    seeded with ``seed`` (8 bytes of memory per block; the order of packing every language's text in memory and
+    shuffling the blocks, as tests/reference_data.py does).
     """
 
     def __init__(self, languages: list[str], views: list[BlockView], counts: list[int], seed: int,
@@ -128,10 +92,11 @@ class StageMix:
         return self.original[language_ids]
 
 
-def build_stage_mix(config: RunConfig, round_index: int, stage: int, stores: dict[str, TokenStore]) -> StageMix:
-    """The stage's training blocks from the train-split stores of its languages: ``tokens_per_language //
-    block_length`` blocks per language (at least one); a language with less text repeats, with a warning."""
-    settings: StageTrainConfig = config.train.stage1 if stage == 1 else config.train.stage2
+def build_stage_mix(config: RunConfig, round_index: int, stage: TrainingStage,
+                    stores: dict[str, TokenStore]) -> StageMix:
+    """The stage's training blocks from the train-split stores of its languages (by language): ``tokens_per_language
+    // block_length`` blocks per language (at least one); a language with less text repeats, with a warning."""
+    settings = config.train.for_stage(stage)
     languages, budget = stage_languages(config, round_index, stage)
     views, counts = [], []
     for lang in languages:
