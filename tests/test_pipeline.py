@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_tiny_model, synthetic_documents, train_stores, write_jsonl
 from pipeline.allocate import reference_allocation
@@ -176,3 +177,22 @@ def test_a_run_directory_of_another_experiment_is_refused_unless_starting_over(r
     assert json.loads((run_dir / "config.json").read_text())["old_languages"] == ["en", "el"]
     assert json.loads((run_dir / "g1" / "analyze" / "similarity.json").read_text())["languages"]["old"] == ["en", "el"]
     assert saved != (run_dir / "config.json").read_text()
+
+
+def test_a_bfloat16_model_upcycles_within_the_default_tolerance_and_stays_bfloat16(run_config, tmp_path):
+    """The paper configs use model.dtype bfloat16: the function-preservation check runs in float32 (bf16 rounding of
+    the expert mix is not a broken upcycle), and the expanded model is saved in bfloat16 with exact expert copies."""
+    assert main(["run", str(run_config), "--until", "upcycle", "model.dtype=bfloat16"]) == 0
+    upcycle_dir = tmp_path / "runs" / "t" / "g1" / "upcycle"
+    summary = json.loads((upcycle_dir / "manifest.json").read_text())["summary"]
+    assert summary["max_logit_difference"] <= 1e-3
+    model = load_causal_lm(upcycle_dir / "model", "bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(str(upcycle_dir / "model" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"BF16"}
+    block = next(m for m in model.modules() if is_moe_block(m))
+    for name, tensor in block.experts[0].state_dict().items():
+        for expert in list(block.experts)[1:]:
+            assert torch.equal(expert.state_dict()[name], tensor)

@@ -23,7 +23,7 @@ from pipeline.config import StageTrainConfig
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
 from pipeline.ranks import free_port
 from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
-from pipeline.routing_stats import RoutingStats
+from pipeline.routing_stats import LayerRouting, RoutingStats
 from pipeline.train import lr_multiplier, trainable_roles
 from pipeline.upcycle import parameter_roles
 
@@ -203,15 +203,15 @@ def test_routing_stats_by_hand():
     stats.add({0: plain, 1: gated}, original)
     summary = stats.summary()
     # layer 0: slots of the 4 valid tokens: expert 0 x3, 1 x2, 2 x3; original valid tokens 0 and 2, top-1 0 and 1
-    assert summary[0] == {"experts": 3, "load": [3, 2, 3], "load_max_over_mean": pytest.approx(3 / (8 / 3)),
-                          "dead_experts": 0, "original_top1_expert0": 0.5, "classifier_accuracy": None}
+    assert summary[0] == LayerRouting(experts=3, load=[3, 2, 3], load_max_over_mean=pytest.approx(3 / (8 / 3)),
+                                      dead_experts=0, original_top1_expert0=0.5, classifier_accuracy=None)
     # layer 1: gated tokens 0 and 3 count once for expert 0; routed tokens 1, 2, 4: 3 1 | 0 1 | 1 3;
     # original tokens 0 (gated: top-1 is 0), 2 (top-1 0), 4 (top-1 1); classifier right on tokens 0 and 1 of 5
-    assert summary[1] == {"experts": 4, "load": [3, 3, 0, 2], "load_max_over_mean": 1.5, "dead_experts": 1,
-                          "original_top1_expert0": pytest.approx(2 / 3), "classifier_accuracy": 0.4}
+    assert summary[1] == LayerRouting(experts=4, load=[3, 3, 0, 2], load_max_over_mean=1.5, dead_experts=1,
+                                      original_top1_expert0=pytest.approx(2 / 3), classifier_accuracy=0.4)
     assert stats.one_line() == "load max/mean 1.31, dead experts 1, orig->expert0 58.3%, classifier acc 40.0%"
     stats.add({0: plain, 1: gated}, original)  # accumulates: counts double, shares stay
-    assert stats.summary()[1]["load"] == [6, 6, 0, 4] and stats.summary()[1]["classifier_accuracy"] == 0.4
+    assert stats.summary()[1].load == [6, 6, 0, 4] and stats.summary()[1].classifier_accuracy == 0.4
     assert RoutingStats().one_line() == "no MoE layers"
 
 
