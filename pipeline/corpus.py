@@ -126,11 +126,11 @@ def ood_documents(config: RunConfig, language: str) -> tuple[list[str], int]:
     source = ood_source(config, language)
     if source is None:
         raise LayerMoEError(f"language {language!r} has no out-of-domain text (data.ood_sources)")
-    training = {line for text in iter_documents(resolve_source(config, language), "train",
-                                                config.data.heldout_fraction, config.data.split_seed)
-                for line in _lines(text)}
+    training = {line for split, text in iter_split_documents(resolve_source(config, language),
+                                                             config.data.heldout_fraction, config.data.split_seed)
+                if split == "train" for line in _lines(text)}
     kept, removed = [], 0
-    for text in iter_documents(source, "train", 0.0, 0):  # fraction 0: every document
+    for _, text in iter_split_documents(source, 0.0, 0):  # fraction 0: every document
         if all(line in training for line in _lines(text)):
             removed += 1
         else:
@@ -179,8 +179,8 @@ def is_heldout(text: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def iter_documents(source: LanguageSource, split: Split, heldout_fraction: float, seed: int) -> Iterator[str]:
-    """Stream the non-empty documents of one split (surrounding whitespace stripped), in corpus order.
+def iter_split_documents(source: LanguageSource, heldout_fraction: float, seed: int) -> Iterator[tuple[Split, str]]:
+    """Stream every non-empty document (surrounding whitespace stripped) with its split, in corpus order.
     An empty corpus is an error."""
     any_text = False
     for text in _raw_texts(source):
@@ -188,13 +188,11 @@ def iter_documents(source: LanguageSource, split: Split, heldout_fraction: float
         if not text:
             continue
         any_text = True
-        if is_heldout(text, heldout_fraction, seed) == (split == "heldout"):
-            yield text
+        yield ("heldout" if is_heldout(text, heldout_fraction, seed) else "train"), text
     if not any_text:
         raise LayerMoEError(f"language {source.language!r}: corpus {str(source.path)!r} has no non-empty documents")
 
 
-def language_documents(config: RunConfig, language: str, split: Split) -> Iterator[str]:
-    """Documents of ``language`` for ``split``, as configured in ``config``."""
-    source = resolve_source(config, language)
-    return iter_documents(source, split, config.data.heldout_fraction, config.data.split_seed)
+def source_size(source: LanguageSource) -> int:
+    """Bytes on disk of the files a source reads (for progress estimates)."""
+    return sum(Path(f).stat().st_size for f in _data_files(source.path))

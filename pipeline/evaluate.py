@@ -1,11 +1,11 @@
 """evaluate stage: per-language perplexity, forgetting, routing behaviour and translation for the base model
 and every expanded model of the run so far; report.json, report.md and plots.
 
-All models are scored on the same held-out blocks (the models share the base tokenizer), so perplexities are
-directly comparable. Group averages follow the paper: old = the base model's languages, new = every language
-added by an expansion round. Languages with out-of-domain text (``data.ood_sources``, the built-in
-debian-reference manual for the old languages) are also scored on it: text from a domain no training data
-uses, so forgetting cannot hide behind the domain the new experts learn.
+All models are scored on the same held-out blocks (the leading blocks of each language's held-out token store; the
+models share the base tokenizer), so perplexities are directly comparable. Group averages follow the paper: old = the
+base model's languages, new = every language added by an expansion round. Languages with out-of-domain text
+(``data.ood_sources``, the built-in debian-reference manual for the old languages) are also scored on it: text from
+a domain no training data uses, so forgetting cannot hide behind the domain the new experts learn.
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, read_model_config
 from pipeline.config import RunConfig
-from pipeline.corpus import builtin_corpus, language_documents, ood_documents, ood_source, resolve_source
+from pipeline.corpus import builtin_corpus, ood_documents, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, RoundLanguages,
                                   TranslationExample, TranslationScore)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
 from pipeline.manifest import hash_path
-from pipeline.packing import load_tokenizer, pack_documents
+from pipeline.packing import load_tokenizer, needs_separator
 from pipeline.plan import load_model_config, plan
 from pipeline.routing_stats import LayerRouting, RoutingStats, routing_from_json, routing_to_json
+from pipeline.store_index import StoreIndex
+from pipeline.token_blocks import BlockView
 
 
 @dataclass(frozen=True)
@@ -64,26 +66,26 @@ class LanguageScore:
                    None if routing is None else routing_from_json(routing))
 
 
-def _evaluation_blocks(config: RunConfig, lang: str, documents, tokenizer, what: str, remedy: str) -> torch.Tensor:
-    """Up to ``evaluate.tokens_per_language`` tokens of ``documents`` in blocks ``[n, block_length]``."""
+def heldout_blocks(config: RunConfig, languages: list[str], stores: StoreIndex) -> dict[str, torch.Tensor]:
+    """Per language, up to ``evaluate.tokens_per_language`` held-out tokens in blocks ``[n, block_length]``: the
+    leading blocks of its held-out store (only these are read)."""
     e = config.evaluate
-    docs = ((0, text) for text in documents)
-    try:
-        return pack_documents(docs, tokenizer, e.block_length, [lang], max(1, e.tokens_per_language // e.block_length)).input_ids
-    except LayerMoEError:
-        raise LayerMoEError(f"evaluate: language {lang!r} has less {what} text than one block of {e.block_length} "
-                            f"tokens; lower evaluate.block_length or {remedy}") from None
-
-
-def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
-    """Per language, up to ``evaluate.tokens_per_language`` held-out tokens in blocks ``[n, block_length]``."""
-    return {lang: _evaluation_blocks(config, lang, language_documents(config, lang, "heldout"), tokenizer, "held-out",
-                                     "raise data.heldout_fraction") for lang in languages}
+    blocks = {}
+    for lang in languages:
+        view = BlockView(stores.open(lang, "heldout"), e.block_length)
+        if view.num_blocks == 0:
+            raise LayerMoEError(f"evaluate: language {lang!r} has less held-out text than one block of {e.block_length} "
+                                f"tokens; lower evaluate.block_length or raise data.heldout_fraction")
+        blocks[lang] = torch.from_numpy(view.leading(max(1, e.tokens_per_language // e.block_length)))
+    return blocks
 
 
 def ood_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
     """Per language of ``languages`` that has out-of-domain text, up to ``evaluate.tokens_per_language`` of its
-    tokens (documents that also occur in the training text removed) in blocks ``[n, block_length]``."""
+    tokens (documents that also occur in the training text removed) in blocks ``[n, block_length]``: documents in
+    order, each BOS (if the tokenizer adds one) + text + EOS separator, concatenated, a trailing partial block
+    dropped (the token stores' document encoding; the text is small and read only here, so it has no store)."""
+    e = config.evaluate
     blocks = {}
     for lang in languages:
         if ood_source(config, lang) is None:
@@ -91,8 +93,19 @@ def ood_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, 
         documents, removed = ood_documents(config, lang)
         log.info(f"evaluate: {lang} out-of-domain text: {len(documents)} documents"
                  + (f" ({removed} dropped: they occur in the training text)" if removed else ""))
-        blocks[lang] = _evaluation_blocks(config, lang, documents, tokenizer, "out-of-domain",
-                                          f"configure more text in data.ood_sources.{lang}")
+        wanted = max(1, e.tokens_per_language // e.block_length) * e.block_length
+        ids: list[int] = []
+        for text in documents:
+            doc = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            ids += doc + ([tokenizer.eos_token_id] if needs_separator(doc, tokenizer.eos_token_id) else [])
+            if len(ids) >= wanted:
+                break
+        if len(ids) < e.block_length:
+            raise LayerMoEError(f"evaluate: language {lang!r} has less out-of-domain text than one block of "
+                                f"{e.block_length} tokens; lower evaluate.block_length or configure more text in "
+                                f"data.ood_sources.{lang}")
+        n = min(len(ids), wanted) // e.block_length
+        blocks[lang] = torch.tensor(ids[:n * e.block_length], dtype=torch.long).view(n, e.block_length)
     return blocks
 
 
@@ -201,10 +214,11 @@ LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "zh": "Chinese", "el": "Gree
 
 
 def evaluate_models(config: RunConfig, models: list[EvalModel], languages: LanguageGroups, translate_labels: set[str],
-                    round_name: str) -> EvalReport:
-    """Score every model (the first is the base model) on every language's held-out blocks (perplexity, routing),
-    translate with the models in ``translate_labels``, count parameters; the report of round ``round_name``."""
-    scoring = _Scoring(config, languages, load_tokenizer(models[0].path))
+                    round_name: str, stores: StoreIndex) -> EvalReport:
+    """Score every model (the first is the base model) on every language's held-out blocks from ``stores``
+    (perplexity, routing), translate with the models in ``translate_labels``, count parameters; the report of
+    round ``round_name``."""
+    scoring = _Scoring(config, languages, load_tokenizer(models[0].path), stores)
     results = {}
     for m in models:
         started = time.perf_counter()
@@ -215,22 +229,24 @@ def evaluate_models(config: RunConfig, models: list[EvalModel], languages: Langu
 
 
 class _Scoring:
-    """What scoring any model needs: the settings, the held-out blocks of every language (tokenised once with
-    the base tokenizer, which every model of a run shares), and the result cache with its keys."""
+    """What scoring any model needs: the settings, the held-out blocks of every language (from its token store,
+    tokenized with the base tokenizer, which every model of a run shares), and the result cache with its keys."""
 
-    def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer):
+    def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer, stores: StoreIndex):
         self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
-        self.blocks = heldout_blocks(config, languages.all, tokenizer)
+        self.blocks = heldout_blocks(config, languages.all, stores)
         self.ood_blocks = ood_blocks(config, languages.all, tokenizer)
         self.cache = ResultCache(Path(self.settings.cache_dir) if self.settings.cache_dir
                                  else config.run_path / ".evaluate_cache")
-        self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in languages.all}
+        # a store's key digest stands for its source's content, the split settings and the tokenizer
+        self.heldout_digests = {lang: stores.entry(lang, "heldout").digest for lang in languages.all}
+        self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in self.ood_blocks}
         self.ood_hashes = {lang: hash_path(ood_source(config, lang).path) for lang in self.ood_blocks}
         self.split = (config.data.heldout_fraction, config.data.split_seed, self.settings.tokens_per_language,
                       self.settings.block_length)
 
     def perplexity_key(self, model_path: Path, lang: str) -> str:
-        return self.cache.key(model_path, "perplexity", lang, self.corpus_hashes[lang], self.split,
+        return self.cache.key(model_path, "perplexity", lang, self.heldout_digests[lang], self.split,
                               lang in self.languages.old)
 
     def ood_perplexity_key(self, model_path: Path, lang: str) -> str:
