@@ -4,8 +4,9 @@ All counts here are TOTAL experts per layer, including the original (frozen) exp
 expert stays dense. Methods (docs/method.md, 3.2):
 
 * ``reference``: ``N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)`` - the authors' formula (the total overshoots delta).
-* ``budget``: exactly ``budget`` new experts in all; every layer gets one, the rest is shared in proportion
-  to ``1/S_i`` by largest remainder (ties: the less similar layer first, then the lower index).
+* ``budget``: exactly ``budget`` new experts in all; every layer gets ``min_new_experts`` (default 1; 0 lets
+  a layer stay dense, as the reference formula does), the rest is shared in proportion to ``1/S_i`` by largest
+  remainder (ties: the less similar layer first, then the lower index).
 * ``uniform``: the same count everywhere (the MoE-LPR baseline).
 * ``explicit``: a given list.
 """
@@ -16,9 +17,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import log
+from pipeline.atomic import read_json, write_json
 from pipeline.config import AllocateConfig
-from pipeline.atomic import read_json
 from pipeline.errors import LayerMoEError
+from pipeline.plots import plot_allocation
+from pipeline.similarity import layer_scores, read_similarity
 
 
 @dataclass
@@ -90,20 +94,22 @@ def reference_allocation(scores: list[float], delta: float) -> list[int]:
     return [math.ceil(delta * w) for w in _inverse_weights(scores)]
 
 
-def budget_allocation(scores: list[float], budget: int) -> list[int]:
-    """Exactly ``budget`` new experts, at least one per layer; the rest by largest remainder of ``1/S``."""
+def budget_allocation(scores: list[float], budget: int, min_new_experts: int = 1) -> list[int]:
+    """Exactly ``budget`` new experts, at least ``min_new_experts`` per layer; the rest by largest remainder of
+    ``1/S``. Returns total experts per layer (incl. the original)."""
     layers = len(scores)
-    if budget < layers:
-        raise LayerMoEError(f"allocate.budget = {budget} new experts is smaller than the number of layers "
-                            f"({layers}); the budget mode gives every layer at least one new expert")
+    floor = min_new_experts * layers
+    if budget < floor:
+        raise LayerMoEError(f"allocate.budget = {budget} new experts is smaller than min_new_experts x layers "
+                            f"({min_new_experts} x {layers} = {floor}); lower allocate.min_new_experts or raise the budget")
     weights = _inverse_weights(scores)
-    rest = budget - layers
+    rest = budget - floor
     quotas = [rest * w for w in weights]
     extra = [math.floor(q) for q in quotas]
     order = sorted(range(layers), key=lambda i: (-(quotas[i] - extra[i]), scores[i], i))
     for i in order[: rest - sum(extra)]:
         extra[i] += 1
-    return [2 + e for e in extra]
+    return [1 + min_new_experts + e for e in extra]
 
 
 def classifier_layers_by_similarity(scores: list[float], count: int, experts_per_layer: list[int]) -> list[int]:
@@ -122,7 +128,7 @@ def allocate(settings: AllocateConfig, scores: list[float] | None, num_layers: i
     if m == "reference":
         experts = reference_allocation(_required_scores(scores, m), settings.delta)
     elif m == "budget":
-        experts = budget_allocation(_required_scores(scores, m), settings.budget)
+        experts = budget_allocation(_required_scores(scores, m), settings.budget, settings.min_new_experts)
     elif m == "uniform":
         experts = [settings.experts_per_layer] * num_layers
     else:
@@ -151,3 +157,25 @@ def _required_scores(scores: list[float] | None, what: str) -> list[float]:
     if scores is None:
         raise LayerMoEError(f"allocate method {what!r} needs similarity scores (run analyze first)")
     return scores
+
+
+def write_allocation(out: Path, result: Allocation, settings: AllocateConfig, title: str, **extra) -> None:
+    """allocation.json and allocation.png of ``result`` into the directory ``out``."""
+    write_json(out / "allocation.json", result.to_json(aggregation=settings.aggregation, **extra))
+    plot_allocation(result.experts_per_layer, result.classifier_layers,
+                    f"{title}: {sum(result.new_experts_per_layer)} new experts ({result.method})", out / "allocation.png")
+
+
+def allocate_from_similarity_file(similarity_file: Path, settings: AllocateConfig, out: Path) -> Allocation:
+    """``layermoe allocate --similarity FILE``: the allocation of any similarity.json (one written by the analyze
+    stage, or one built from published pair values) into ``out``, without a run directory. The file needs the
+    new-new and new-old pairs that S_i uses; old-old pairs only for ``aggregation: all_pairs``."""
+    sim = read_similarity(similarity_file)
+    scores = layer_scores(sim.pairs, sim.old, sim.new, settings.aggregation)
+    result = allocate(settings, scores, sim.num_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    write_allocation(out, result, settings, f"new {sim.new} vs old {sim.old}", similarity=str(similarity_file))
+    log.info(f"allocate: {result.method} -> experts per layer {result.experts_per_layer} "
+             f"({sum(result.experts_per_layer)} in total, {sum(result.new_experts_per_layer)} new), classifier layers "
+             f"{result.classifier_layers}; written to {out / 'allocation.json'}")
+    return result

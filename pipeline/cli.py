@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 from pipeline import log
-from pipeline.config import default_cache_dir, load_config, to_dict
+from pipeline.allocate import allocate_from_similarity_file
+from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
+from pipeline.config import AllocateConfig, default_cache_dir, load_config, to_dict, validate_allocate
 from pipeline.default_model import ensure_default_model
 from pipeline.distributed import distributed_from_env
 from pipeline.errors import LayerMoEError
 from pipeline.libreoffice_corpus import build_libreoffice_corpus
+from pipeline.method_comparison import compare_methods, methods_markdown, plot_gain_vs_forgetting
 from pipeline.plan import format_plan, load_model_config, plan
 from pipeline.ranks import LOOPBACK
 from pipeline.report import compare_runs
@@ -40,6 +43,9 @@ def _load(args: argparse.Namespace):
 
 
 def _stage(args: argparse.Namespace) -> None:
+    if getattr(args, "similarity", None):
+        _allocate_from_file(args)
+        return
     config = _load(args)
     with distributed_from_env():
         run_single_stage(config, get_stage(args.stage_name), args.round, args.force)
@@ -57,8 +63,41 @@ def _run(args: argparse.Namespace) -> None:
         run_pipeline(config, force=args.force, first=first, last=last, start_over=args.start_over)
 
 
+def _allocate_from_file(args: argparse.Namespace) -> None:
+    """``layermoe allocate --similarity FILE ... --output DIR``: no config, no run directory."""
+    if args.config_file or args.config_opt or args.overrides:
+        raise LayerMoEError("allocate --similarity takes no config or KEY=VALUE overrides; use --delta/--budget/"
+                            "--uniform/--explicit, --classifier-count, --aggregation")
+    chosen = {k: v for k, v in (("reference", args.delta), ("budget", args.budget), ("uniform", args.uniform),
+                                ("explicit", args.explicit)) if v is not None}
+    if len(chosen) != 1:
+        raise LayerMoEError("allocate --similarity needs exactly one of --delta D, --budget B, --uniform N, --explicit N...")
+    if args.output is None:
+        raise LayerMoEError("allocate --similarity needs --output DIR")
+    method = next(iter(chosen))
+    settings = AllocateConfig(method=method, delta=args.delta, budget=args.budget, experts_per_layer=args.uniform,
+                              explicit=args.explicit, aggregation=args.aggregation, min_new_experts=args.min_new_experts,
+                              classifier_count=args.classifier_count, classifier_layers=args.classifier_layers)
+    validate_allocate(settings, "allocate")
+    allocate_from_similarity_file(Path(args.similarity), settings, Path(args.output))
+
+
 def _compare(args: argparse.Namespace) -> None:
-    print(compare_runs([Path(d) for d in args.run_dirs]))
+    run_dirs = [Path(d) for d in args.run_dirs]
+    if not args.by_method:
+        print(compare_runs(run_dirs))
+        return
+    rows = compare_methods(run_dirs)
+    print(methods_markdown(rows))
+    if args.figure:
+        plot_gain_vs_forgetting(rows, Path(args.figure))
+
+
+def _baselines(args: argparse.Namespace) -> None:
+    path = args.config_opt or args.config_file
+    if path is None:
+        raise LayerMoEError("no config given: pass CONFIG (e.g. configs/default.yaml)")
+    run_baselines(Path(path), list(args.overrides), args.seeds, args.methods, Path(args.output), args.keep_checkpoints)
 
 
 def _show_config(args: argparse.Namespace) -> None:
@@ -82,6 +121,20 @@ def _plan(args: argparse.Namespace) -> None:
     else:
         raise LayerMoEError("plan needs --allocation FILE or --experts N")
     print(format_plan(plan(model_config, experts, classifiers, args.top_k), args.dtype))
+
+
+def _add_standalone_allocate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("allocation from a similarity file (no config, no run directory)")
+    g.add_argument("--similarity", metavar="FILE", help="a similarity.json (analyze's, or one built from published pairs)")
+    g.add_argument("--delta", type=float, help="reference: N_i = ceil(delta * (1/S_i) / sum_j 1/S_j)")
+    g.add_argument("--budget", type=int, help="exactly this many new experts in all")
+    g.add_argument("--min-new-experts", type=int, default=1, help="with --budget: new experts every layer gets at least")
+    g.add_argument("--uniform", type=int, metavar="N", help="N experts (incl. the original) in every layer")
+    g.add_argument("--explicit", type=int, nargs="+", metavar="N", help="experts per layer (incl. the original)")
+    g.add_argument("--classifier-count", type=int, default=7, help="classifiers in the K most similar MoE layers")
+    g.add_argument("--classifier-layers", type=int, nargs="+", metavar="I", help="classifier layers, instead of --classifier-count")
+    g.add_argument("--aggregation", default="nn_no_mean", choices=["nn_no_mean", "new_new", "new_old", "all_pairs"])
+    g.add_argument("--output", metavar="DIR", help="where allocation.json and allocation.png go")
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -117,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--round", help="only this round (by name); default: every round in order")
         p.add_argument("--force", action="store_true", help="re-run even when up to date")
         p.set_defaults(func=_stage, stage_name=stage.name)
+        if stage.name == "allocate":
+            _add_standalone_allocate_args(p)
 
     p = sub.add_parser("train", help="one training stage: `deepspeed stages/train.py --config C --stage 1|2`")
     _add_config_args(p)
@@ -127,7 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="put the final reports of several runs side by side")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--by-method", action="store_true",
+                   help="one row per method (runs named <method>-s<seed>): mean ± std over the seeds")
+    p.add_argument("--figure", metavar="PNG", help="with --by-method: also plot new-language gain vs old-language change")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("baselines", help="LayerMoE vs dense, LoRA and MoE-LPR baselines on round 1, over seeds")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
+                   help=f"default: {', '.join(DEFAULT_METHODS)}; also: "
+                        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}")
+    p.add_argument("--output", default="runs/baselines", help="directory of the runs and the comparison")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's training checkpoints")
+    p.set_defaults(func=_baselines)
 
     p = sub.add_parser("plan", help="total / activated parameters of an expansion, without loading weights")
     p.add_argument("--model", required=True, help="model directory or its config.json")

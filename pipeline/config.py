@@ -59,12 +59,17 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    """Where each language's text comes from, and how it is split into train and held-out parts."""
+    """Where each language's text comes from, and how it is split into train and held-out parts; where the
+    out-of-domain evaluation text of a language comes from (never trained on)."""
 
     builtin_corpus: Literal["libreoffice", "none"] = "libreoffice"
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     heldout_fraction: float = 0.05
     split_seed: int = 0
+    ood_sources: dict[str, SourceConfig] = field(default_factory=dict)  # out-of-domain evaluation text per language
+    # built-in out-of-domain text for the old languages it covers (Debian's debian-reference manual);
+    # auto = debian-reference when builtin_corpus is on, none otherwise
+    builtin_ood: Literal["auto", "debian-reference", "none"] = "auto"
     tokenize_workers: int | None = None  # processes that tokenize per rank; default: this rank's share of the cores
 
 
@@ -97,6 +102,7 @@ class AllocateConfig:
     experts_per_layer: int | None = None  # uniform: total experts per layer incl. the original
     explicit: list[int] | None = None  # explicit: total experts per layer incl. the original
     aggregation: Literal["nn_no_mean", "new_new", "new_old", "all_pairs"] = "nn_no_mean"
+    min_new_experts: int = 1  # budget: new experts every layer gets at least (0: a layer may stay dense)
     classifier_count: int = 7  # the K highest-similarity layers get a classifier ...
     classifier_layers: list[int] | None = None  # ... unless listed explicitly
 
@@ -127,15 +133,31 @@ class StageTrainConfig:
 
 
 @dataclass
+class LoraSettings:
+    """The LoRA baseline (``expansion: lora``, peft): adapters on the base model's linear layers, merged at export."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft names; all-linear = every linear but the LM head
+
+
+@dataclass
 class TrainConfig:
-    """Both training stages (docs/method.md, 2 and 3.4): DeepSpeed settings, loss weights, logging, checkpoints."""
+    """Both training stages (docs/method.md, 2 and 3.4): DeepSpeed settings, loss weights and forms, logging,
+    checkpoints."""
 
     ds_config: str = "ds_configs/cpu_fp32.json"
     ep_size: int = 1
     alpha: float = 0.01  # stage 1 load-balance weight
     gamma: float = 0.1  # stage 2 LPR weight
     beta: float = 0.1  # stage 2 classifier weight
+    # reference: the authors' per-slot sum (k for uniform routing); normalized: divided by k (1.0 for uniform routing)
+    balance_form: Literal["reference", "normalized"] = "reference"
     lpr_form: Literal["paper", "double_softmax"] = "paper"
+    lpr_reduction: Literal["layers", "expert_groups"] = "layers"  # expert_groups: LayerMoE as reported
+    classifier_label: Literal["token", "sequence"] = "token"  # sequence: label of the first token, mean over sequences
+    lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_clipping: float = 1.0
     weight_decay: float = 0.0
     checkpoint_every: int = 0  # optimizer steps between DeepSpeed checkpoints; 0 = only at the end
@@ -163,6 +185,7 @@ class EvaluateConfig:
     translation_max_new_tokens: int = 48
     parallel_file: str | None = None  # jsonl with {"en": ..., "<lang>": ...}; default: the built-in corpus's set
     harness_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (needs local data)
+    cache_dir: str | None = None  # scored results (keyed by model content); default: <run_dir>/.evaluate_cache
 
 
 @dataclass
@@ -171,6 +194,20 @@ class LaunchConfig:
 
     processes_per_node: int = 1  # > 1: those stages run under the DeepSpeed launcher with this many processes
     require_gpus: bool = False  # refuse to start (Slurm preflight) on a node without GPUs
+
+
+Expansion = Literal["moe", "dense_full", "dense_ffn", "lora"]
+Recipe = Literal["project", "reference"]
+
+# The settings a recipe presets (docs/method.md, 4). ``reference`` reproduces the authors' code; ``project`` is
+# this project's defaults. Applied to fields the YAML and the command line leave unset.
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {"train.balance_form": "reference", "train.lpr_form": "double_softmax",
+                  "train.lpr_reduction": "expert_groups", "train.classifier_label": "sequence",
+                  "upcycle.pooling": "sequence"},
+    "project": {"train.balance_form": "reference", "train.lpr_form": "paper", "train.lpr_reduction": "layers",
+                "train.classifier_label": "token", "upcycle.pooling": "prefix"},
+}
 
 
 @dataclass
@@ -183,6 +220,10 @@ class RunConfig:
     run_dir: str = "runs/{name}"
     cache_dir: str | None = None  # default: $LAYERMOE_CACHE, else ~/.cache/layermoe
     seed: int = 0
+    recipe: Recipe = "project"  # presets of the loss forms and pooling (RECIPES); explicit fields win
+    # moe: LayerMoE / MoE-LPR (analyze, allocate, upcycle, train); dense_full | dense_ffn | lora: baselines that
+    # train the dense model itself (all weights, the FFNs only, or LoRA adapters) with the same data and schedule
+    expansion: Expansion = "moe"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
@@ -342,7 +383,8 @@ def _require(condition: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
-def _validate_allocate(a: AllocateConfig, where: str) -> None:
+def validate_allocate(a: AllocateConfig, where: str) -> None:
+    """Check allocate settings (``where`` names them in errors, e.g. ``allocate`` or ``rounds[1].allocate``)."""
     needs = {"reference": "delta", "budget": "budget", "uniform": "experts_per_layer", "explicit": "explicit"}
     _require(getattr(a, needs[a.method]) is not None, f"{where}.{needs[a.method]}",
              f"required when {where}.method is {a.method!r}")
@@ -355,6 +397,7 @@ def _validate_allocate(a: AllocateConfig, where: str) -> None:
     if a.explicit is not None:
         _require(all(n >= 1 for n in a.explicit), f"{where}.explicit", "every layer needs >= 1 expert")
     _require(a.classifier_count >= 0, f"{where}.classifier_count", "must be >= 0")
+    _require(a.min_new_experts >= 0, f"{where}.min_new_experts", "must be >= 0")
 
 
 def known_languages(config: RunConfig) -> set[str]:
@@ -383,7 +426,7 @@ def validate(config: RunConfig) -> RunConfig:
         round_names.add(r.name)
         _require(len(r.languages) > 0, f"rounds[{i}].languages", "a round needs at least one new language")
         if r.allocate is not None:
-            _validate_allocate(r.allocate, f"rounds[{i}].allocate")
+            validate_allocate(r.allocate, f"rounds[{i}].allocate")
     for where, langs in groups:
         for lang in langs:
             _require(lang in known, where,
@@ -399,7 +442,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require(a.tokens_per_language > 0, "analyze.tokens_per_language", "must be positive")
     _require(a.max_length >= 2, "analyze.max_length", "must be >= 2")
     _require(a.batch_size >= 1, "analyze.batch_size", "must be >= 1")
-    _validate_allocate(config.allocate, "allocate")
+    validate_allocate(config.allocate, "allocate")
     _require(config.upcycle.top_k >= 1, "upcycle.top_k", "must be >= 1")
     _require(config.upcycle.verify_tolerance > 0, "upcycle.verify_tolerance", "must be positive")
     _require(config.launch.processes_per_node >= 1, "launch.processes_per_node", "must be >= 1")
@@ -411,6 +454,11 @@ def validate(config: RunConfig) -> RunConfig:
              "counts must be >= 0")
     t = config.train
     _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
+    _require(t.ep_size == 1 or config.expansion == "moe", "train.ep_size",
+             f"expert parallelism needs experts; expansion {config.expansion!r} trains a dense model (use 1)")
+    _require(t.lora.rank >= 1, "train.lora.rank", "must be >= 1")
+    _require(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
+    _require(bool(t.lora.target_modules), "train.lora.target_modules", "must name at least one module")
     for name in ("stage1", "stage2"):
         st: StageTrainConfig = getattr(t, name)
         for key in ("steps", "micro_batch_size", "gradient_accumulation", "tokens_per_language"):
@@ -440,7 +488,26 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping")
     for assignment in overrides:
         apply_override(data, assignment)
+    apply_recipe(data)
     return validate(from_dict(RunConfig, data))
+
+
+def apply_recipe(data: dict) -> None:
+    """Fill the settings of ``data["recipe"]`` (``RECIPES``; default ``project``) that the raw config data does
+    not set itself, so that the YAML and ``key=value`` overrides still win over the preset."""
+    recipe = data.get("recipe", "project")
+    preset = RECIPES.get(recipe) if isinstance(recipe, str) else None
+    if preset is None:
+        return  # an unknown recipe is reported by from_dict, naming the field
+    for key, value in preset.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(last, value)
 
 
 def to_dict(obj: Any) -> Any:

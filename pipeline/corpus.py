@@ -1,6 +1,7 @@
 """Per-language text corpora: local jsonl / plain text / parquet / saved ``datasets`` datasets, or the
 built-in LibreOffice corpus, read with the ``datasets`` library and split deterministically into train and
-held-out documents.
+held-out documents. Out-of-domain evaluation text (``data.ood_sources``, or the built-in debian-reference
+manual for the old languages) is read the same way and is never trained on.
 
 The split is decided per document by a keyed hash of its text, so it is the same on every machine, in every
 process and in streaming mode, and a document that occurs twice never lands on both sides.
@@ -17,6 +18,7 @@ from typing import Iterator, Literal
 from pipeline.config import RunConfig, SourceConfig
 from pipeline.errors import LayerMoEError
 from pipeline.libreoffice_corpus import build_libreoffice_corpus
+from pipeline.ood_corpus import DEBIAN_REFERENCE_PACKAGES, build_debian_reference_corpus
 
 Split = Literal["train", "heldout"]
 
@@ -51,15 +53,19 @@ def infer_format(path: Path) -> str:
     return fmt
 
 
+def _configured_source(src: SourceConfig, language: str, where: str) -> LanguageSource:
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        raise LayerMoEError(f"{where}.{language}.path: corpus {str(path)!r} does not exist")
+    fmt = infer_format(path) if src.format == "auto" else src.format
+    return LanguageSource(language, path, fmt, src.field, src.text_sample_by)
+
+
 def resolve_source(config: RunConfig, language: str) -> LanguageSource:
     """Where ``language``'s text comes from: its ``data.sources`` entry, else the built-in corpus."""
     src: SourceConfig | None = config.data.sources.get(language)
     if src is not None:
-        path = Path(src.path).expanduser()
-        if not path.exists():
-            raise LayerMoEError(f"data.sources.{language}.path: corpus {str(path)!r} does not exist")
-        fmt = infer_format(path) if src.format == "auto" else src.format
-        return LanguageSource(language, path, fmt, src.field, src.text_sample_by)
+        return _configured_source(src, language, "data.sources")
     corpus = builtin_corpus(config)
     if corpus is not None:
         return LanguageSource(language, corpus.documents_path(language), "jsonl")
@@ -78,6 +84,58 @@ def builtin_corpus(config: RunConfig):
 @functools.lru_cache(maxsize=4)
 def _builtin_corpus(languages: tuple[str, ...], cache_dir: Path):
     return build_libreoffice_corpus(languages, cache_dir)
+
+
+def builtin_ood_languages(config: RunConfig) -> list[str]:
+    """The old languages whose out-of-domain text comes from the built-in debian-reference manual
+    (``data.builtin_ood``; ``auto`` = when the built-in corpus is on) and not from ``data.ood_sources``."""
+    mode = config.data.builtin_ood
+    if mode == "none" or (mode == "auto" and config.data.builtin_corpus == "none"):
+        return []
+    return [lang for lang in config.old_languages
+            if lang in DEBIAN_REFERENCE_PACKAGES and lang not in config.data.ood_sources]
+
+
+def ood_source(config: RunConfig, language: str) -> LanguageSource | None:
+    """Where ``language``'s out-of-domain evaluation text comes from, or None when it has none."""
+    src = config.data.ood_sources.get(language)
+    if src is not None:
+        return _configured_source(src, language, "data.ood_sources")
+    builtin = builtin_ood_languages(config)
+    if language not in builtin:
+        return None
+    corpus = _builtin_ood_corpus(tuple(builtin), config.cache_path)
+    return LanguageSource(language, corpus.documents_path(language), "jsonl")
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin_ood_corpus(languages: tuple[str, ...], cache_dir: Path):
+    return build_debian_reference_corpus(languages, cache_dir)
+
+
+def _lines(text: str) -> Iterator[str]:
+    for line in text.splitlines():
+        line = " ".join(line.split())
+        if line:
+            yield line
+
+
+def ood_documents(config: RunConfig, language: str) -> tuple[list[str], int]:
+    """The out-of-domain documents of ``language`` (all of them: none is ever trained on) minus those whose every
+    line also occurs as a line of the language's training corpus; and how many were removed that way."""
+    source = ood_source(config, language)
+    if source is None:
+        raise LayerMoEError(f"language {language!r} has no out-of-domain text (data.ood_sources)")
+    training = {line for split, text in iter_split_documents(resolve_source(config, language),
+                                                             config.data.heldout_fraction, config.data.split_seed)
+                if split == "train" for line in _lines(text)}
+    kept, removed = [], 0
+    for _, text in iter_split_documents(source, 0.0, 0):  # fraction 0: every document
+        if all(line in training for line in _lines(text)):
+            removed += 1
+        else:
+            kept.append(text)
+    return kept, removed
 
 
 def _data_files(path: Path) -> list[str]:

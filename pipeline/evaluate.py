@@ -2,8 +2,10 @@
 and every expanded model of the run so far; report.json, report.md and plots.
 
 All models are scored on the same held-out blocks (the leading blocks of each language's held-out token store; the
-models share the base tokenizer), so perplexities are directly comparable. Group averages follow the paper: old = the base model's languages, new = every language
-added by an expansion round.
+models share the base tokenizer), so perplexities are directly comparable. Group averages follow the paper: old = the
+base model's languages, new = every language added by an expansion round. Languages with out-of-domain text
+(``data.ood_sources``, the built-in debian-reference manual for the old languages) are also scored on it: text from
+a domain no training data uses, so forgetting cannot hide behind the domain the new experts learn.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, read_model_config
 from pipeline.config import RunConfig
-from pipeline.corpus import builtin_corpus
+from pipeline.corpus import builtin_corpus, ood_documents, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
-from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, TranslationExample,
-                                  TranslationScore)
+from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, RoundLanguages,
+                                  TranslationExample, TranslationScore)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
 from pipeline.manifest import hash_path
-from pipeline.packing import load_tokenizer
+from pipeline.packing import load_tokenizer, needs_separator
 from pipeline.plan import load_model_config, plan
 from pipeline.routing_stats import LayerRouting, RoutingStats, routing_from_json, routing_to_json
 from pipeline.store_index import StoreIndex
@@ -75,6 +77,35 @@ def heldout_blocks(config: RunConfig, languages: list[str], stores: StoreIndex) 
             raise LayerMoEError(f"evaluate: language {lang!r} has less held-out text than one block of {e.block_length} "
                                 f"tokens; lower evaluate.block_length or raise data.heldout_fraction")
         blocks[lang] = torch.from_numpy(view.leading(max(1, e.tokens_per_language // e.block_length)))
+    return blocks
+
+
+def ood_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
+    """Per language of ``languages`` that has out-of-domain text, up to ``evaluate.tokens_per_language`` of its
+    tokens (documents that also occur in the training text removed) in blocks ``[n, block_length]``: documents in
+    order, each BOS (if the tokenizer adds one) + text + EOS separator, concatenated, a trailing partial block
+    dropped (the token stores' document encoding; the text is small and read only here, so it has no store)."""
+    e = config.evaluate
+    blocks = {}
+    for lang in languages:
+        if ood_source(config, lang) is None:
+            continue
+        documents, removed = ood_documents(config, lang)
+        log.info(f"evaluate: {lang} out-of-domain text: {len(documents)} documents"
+                 + (f" ({removed} dropped: they occur in the training text)" if removed else ""))
+        wanted = max(1, e.tokens_per_language // e.block_length) * e.block_length
+        ids: list[int] = []
+        for text in documents:
+            doc = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            ids += doc + ([tokenizer.eos_token_id] if needs_separator(doc, tokenizer.eos_token_id) else [])
+            if len(ids) >= wanted:
+                break
+        if len(ids) < e.block_length:
+            raise LayerMoEError(f"evaluate: language {lang!r} has less out-of-domain text than one block of "
+                                f"{e.block_length} tokens; lower evaluate.block_length or configure more text in "
+                                f"data.ood_sources.{lang}")
+        n = min(len(ids), wanted) // e.block_length
+        blocks[lang] = torch.tensor(ids[:n * e.block_length], dtype=torch.long).view(n, e.block_length)
     return blocks
 
 
@@ -193,7 +224,8 @@ def evaluate_models(config: RunConfig, models: list[EvalModel], languages: Langu
         started = time.perf_counter()
         results[m.label] = _evaluate_model(scoring, m, m.label in translate_labels)
         log.info(f"evaluate {m.label}: done in {time.perf_counter() - started:.0f}s")
-    return EvalReport(config.name, round_name, languages, results)
+    rounds = [RoundLanguages(r.name, list(r.languages)) for r in config.rounds[:config.round_index(round_name) + 1]]
+    return EvalReport(config.name, round_name, languages, results, rounds)
 
 
 class _Scoring:
@@ -203,15 +235,23 @@ class _Scoring:
     def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer, stores: StoreIndex):
         self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
         self.blocks = heldout_blocks(config, languages.all, stores)
-        self.cache = ResultCache(config.run_path / ".evaluate_cache")
+        self.ood_blocks = ood_blocks(config, languages.all, tokenizer)
+        self.cache = ResultCache(Path(self.settings.cache_dir) if self.settings.cache_dir
+                                 else config.run_path / ".evaluate_cache")
         # a store's key digest stands for its source's content, the split settings and the tokenizer
         self.heldout_digests = {lang: stores.entry(lang, "heldout").digest for lang in languages.all}
+        self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in self.ood_blocks}
+        self.ood_hashes = {lang: hash_path(ood_source(config, lang).path) for lang in self.ood_blocks}
         self.split = (config.data.heldout_fraction, config.data.split_seed, self.settings.tokens_per_language,
                       self.settings.block_length)
 
     def perplexity_key(self, model_path: Path, lang: str) -> str:
         return self.cache.key(model_path, "perplexity", lang, self.heldout_digests[lang], self.split,
                               lang in self.languages.old)
+
+    def ood_perplexity_key(self, model_path: Path, lang: str) -> str:
+        return self.cache.key(model_path, "ood_perplexity", lang, self.ood_hashes[lang], self.corpus_hashes[lang],
+                              self.split)
 
     def translation_key(self, model_path: Path, lang: str) -> str:
         e = self.settings
@@ -223,28 +263,36 @@ def _evaluate_model(scoring: _Scoring, m: EvalModel, translate: bool) -> ModelRe
     """Perplexity and routing on every language, translation if asked, harness tasks, parameter count of one
     model; it is loaded only if some result is not in the cache."""
     model = functools.cache(functools.partial(load_causal_lm, m.path))
-    perplexity, routing = {}, {}
+    perplexity, routing, ood_perplexity = {}, {}, {}
     for lang in scoring.languages.all:
         score = _language_score(scoring, model, m, lang)
         perplexity[lang] = score.perplexity
         if score.routing is not None:
             routing[lang] = score.routing
         log.info(f"evaluate {m.label}: {lang} perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
+    for lang in scoring.ood_blocks:
+        score = _language_score(scoring, model, m, lang, ood=True)
+        ood_perplexity[lang] = score.perplexity
+        log.info(f"evaluate {m.label}: {lang} out-of-domain perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
     model_config = read_model_config(m.path)
     experts = ExpertLayout(model_config["experts_per_layer"], model_config["classifier_layers"],
                            sum(n - 1 for n in model_config["experts_per_layer"])) if routing else None
     translation = (_translations(scoring, model, m) if translate and scoring.settings.translation_sentences > 0
                    else None)
     harness = run_harness(m.path, scoring.settings.harness_tasks)
-    return ModelResults(perplexity, harness, parameter_count(m.path), routing or None, experts, translation)
+    return ModelResults(perplexity, ood_perplexity, harness, parameter_count(m.path), routing or None, experts,
+                        translation)
 
 
-def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel, lang: str) -> LanguageScore:
-    key = scoring.perplexity_key(m.path, lang)
+def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel, lang: str,
+                    ood: bool = False) -> LanguageScore:
+    """One language's score (held-out, or out-of-domain with ``ood``), from the cache or computed."""
+    key = scoring.ood_perplexity_key(m.path, lang) if ood else scoring.perplexity_key(m.path, lang)
     cached = scoring.cache.get(key)
     if cached is not None:
         return LanguageScore.from_json(cached)
-    score = score_language(model(), scoring.blocks[lang], lang in scoring.languages.old, scoring.settings.batch_size)
+    blocks = scoring.ood_blocks[lang] if ood else scoring.blocks[lang]
+    score = score_language(model(), blocks, lang in scoring.languages.old, scoring.settings.batch_size)
     scoring.cache.put(key, score.to_json())
     return score
 

@@ -1,4 +1,5 @@
-"""Exporting an expanded model as a self-contained HF directory (weights, config, modeling code, tokenizer).
+"""Exporting a model as a self-contained HF directory (weights, config, tokenizer; for an expanded model also its
+modeling code).
 
 Not to be confused with ``training_checkpoint.py`` (DeepSpeed checkpoints to resume a training stage)."""
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import torch
 
 from pipeline.atomic import atomic_directory
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
@@ -18,16 +21,19 @@ MODELING_FILES = ("configuration_layermoe.py", "modeling_layermoe.py", "router_k
 TOKENIZER_FILES = (*ENCODING_FILES, "chat_template.jinja", "generation_config.json")
 
 
-def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
-    """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json with ``auto_map`` (so
-    ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package), the
-    modeling code, and the tokenizer files found in ``tokenizer_from``."""
-    model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
-                             "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
-    model.config.architectures = ["LayerMoEForCausalLM"]
+def export_model(model: torch.nn.Module, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
+    """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json, the tokenizer files found in
+    ``tokenizer_from``; for an expanded model also ``auto_map`` in config.json and the modeling code (so
+    ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package). A
+    dense model (the dense baselines) is saved as the plain HF model it is."""
+    expanded = isinstance(model, LayerMoEForCausalLM)
+    if expanded:
+        model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
+                                 "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
+        model.config.architectures = ["LayerMoEForCausalLM"]
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
-        for name in MODELING_FILES:
+        for name in MODELING_FILES if expanded else ():
             shutil.copyfile(MODELING_DIR / name, tmp / name)
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:

@@ -1,16 +1,22 @@
 """Training losses of the two stages (docs/method.md, 2 and 3.3), computed from the blocks' routing records.
 
-Shapes: every routing record is over the flattened ``batch * seq`` tokens of one forward; ``language_ids`` is
-``[batch, seq]`` with indices into the run's language list.
+Shapes: every routing record is over the flattened ``batch * seq`` tokens of one forward; ``original`` and
+``language_ids`` are ``[batch, seq]``. The forms and reductions the authors' code uses are options
+(``train.balance_form``, ``train.lpr_form``, ``train.lpr_reduction``, ``train.classifier_label``; the preset
+``recipe: reference`` selects them all):
 
-* load balance, per MoE layer with its own E_i: ``E_i * sum_e f_e * P_e``; f_e = share of routed slots that chose
-  e, P_e = mean router probability of e, over valid tokens the classifier did not send to expert 0. It equals 1
-  when routing is uniform whatever E_i is, so layers are comparable; the loss is the mean over MoE layers.
-  (The public MoE-LPR code's variant is k times this.)
-* LPR (language prior): over original-language tokens, ``-log p_0`` (paper, default) or the reference's
-  cross-entropy applied to probabilities (``double_softmax``); mean over those tokens and over MoE layers.
+* load balance, per MoE layer with its own E_i and k_i, over valid tokens the classifier did not send to expert 0;
+  f_{j,e} = share of those tokens whose j-th choice is e, P_e = mean router probability of e:
+  ``reference``: ``E_i * sum_j sum_e f_{j,e} P_e`` (the authors' per-slot sum; k_i for uniform routing);
+  ``normalized``: the same divided by k_i (1.0 for uniform routing whatever E_i and k_i are).
+  The loss is the mean over MoE layers.
+* LPR (language prior): over original-language tokens, ``-log p_0`` (``paper``) or the authors' cross-entropy
+  applied to probabilities (``double_softmax``); mean over those tokens, then over MoE layers (``layers``) or
+  within groups of layers with the same E_i and then over the groups (``expert_groups``).
 * classifier: cross-entropy of the classifier logits against old (= original language) / new, mean over the
-  valid tokens of every classifier layer.
+  classifier layers of: the mean over valid tokens, each with its own label (``token``), or the mean over
+  sequences of the mean over the sequence's valid tokens, all labelled by the sequence's first valid token
+  (``sequence``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import TrainingStage
+from pipeline.config import TrainConfig, TrainingStage
 from pipeline.hf_modeling.modeling_layermoe import NEW, OLD, RoutingRecord
 
 
@@ -32,15 +38,20 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.
     return (losses * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
 
 
-def load_balance(record: RoutingRecord) -> torch.Tensor:
-    """``E * sum_e f_e P_e`` for one layer (1.0 for uniform routing)."""
+def load_balance(record: RoutingRecord, form: str = "reference") -> torch.Tensor:
+    """``E * sum_j sum_e f_{j,e} P_e`` of one layer (``reference``: k for uniform routing), or that divided by k
+    (``normalized``: 1.0 for uniform routing)."""
+    if form not in ("reference", "normalized"):
+        raise ValueError(f"unknown balance form {form!r}")
     probs = torch.softmax(record.router_logits.float(), dim=-1)
     routed = record.valid if record.sent_to_original is None else record.valid & ~record.sent_to_original
-    num_experts = probs.shape[-1]
+    num_experts, k = probs.shape[-1], record.expert_indices.shape[-1]
     if not routed.any():
         return probs.new_zeros(())
-    slots = F.one_hot(record.expert_indices[routed], num_experts).float().sum(dim=1)  # [n, E]
-    f = slots.sum(0) / slots.sum()
+    choices = F.one_hot(record.expert_indices[routed], num_experts).float()  # [n, k, E]
+    f = choices.sum(dim=(0, 1)) / choices.shape[0]  # sum over slots j of f_{j,e}
+    if form == "normalized":
+        f = f / k
     p = probs[routed].mean(0)
     return num_experts * (f * p).sum()
 
@@ -59,10 +70,36 @@ def lpr(record: RoutingRecord, original: torch.Tensor, form: str = "paper") -> t
     raise ValueError(f"unknown LPR form {form!r}")
 
 
-def classifier_loss(record: RoutingRecord, original: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the old/new classifier (label OLD for original-language tokens) over valid tokens."""
-    labels = torch.where(original, OLD, NEW)[record.valid]
-    return F.cross_entropy(record.classifier_logits[record.valid].float(), labels)
+def reduce_layers(values: dict[int, torch.Tensor], experts: dict[int, int], reduction: str = "layers") -> torch.Tensor:
+    """Combine per-layer losses: the mean over layers (``layers``), or the mean within each group of layers with
+    the same expert count ``experts[i]`` and then the mean over the groups (``expert_groups``)."""
+    if reduction == "layers":
+        return torch.stack(list(values.values())).mean()
+    if reduction == "expert_groups":
+        groups: dict[int, list[torch.Tensor]] = {}
+        for i, value in values.items():
+            groups.setdefault(experts[i], []).append(value)
+        return torch.stack([torch.stack(group).mean() for group in groups.values()]).mean()
+    raise ValueError(f"unknown LPR reduction {reduction!r}")
+
+
+def classifier_loss(record: RoutingRecord, original: torch.Tensor, label: str = "token") -> torch.Tensor:
+    """Cross-entropy of the old/new classifier of one layer; ``original`` is ``[batch, seq]`` bool (label OLD for
+    original-language tokens). ``token``: mean over valid tokens; ``sequence``: every token labelled by its
+    sequence's first valid token, mean over each sequence's valid tokens, then over sequences."""
+    valid = record.valid.reshape(original.shape)
+    logits = record.classifier_logits.float().reshape(*original.shape, -1)
+    if label == "token":
+        return F.cross_entropy(logits[valid], torch.where(original, OLD, NEW)[valid])
+    if label != "sequence":
+        raise ValueError(f"unknown classifier label {label!r}")
+    has_tokens = valid.any(dim=1)
+    first = valid.int().argmax(dim=1)  # index of the first valid token
+    labels = torch.where(original.gather(1, first.unsqueeze(1)), OLD, NEW).expand_as(original)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    per_token = per_token.reshape(original.shape) * valid
+    per_sequence = per_token.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    return per_sequence[has_tokens].mean()
 
 
 @dataclass
@@ -80,17 +117,23 @@ class LossParts:
 
 
 def stage_loss(training_stage: TrainingStage, logits: torch.Tensor, input_ids: torch.Tensor,
-               records: dict[int, RoutingRecord], original: torch.Tensor, alpha: float = 0.01, gamma: float = 0.1,
-               beta: float = 0.1, lpr_form: str = "paper") -> LossParts:
-    """Stage 1: CE + alpha * balance. Stage 2: CE + gamma * LPR + beta * classifier CE.
+               records: dict[int, RoutingRecord], original: torch.Tensor, train: TrainConfig) -> LossParts:
+    """Stage 1: CE + alpha * balance. Stage 2: CE + gamma * LPR + beta * classifier CE. A dense model (no
+    routing records) trains on CE alone in both stages.
 
-    ``original`` is ``[batch, seq]`` bool: the token belongs to an original (base-model) language."""
+    ``original`` is ``[batch, seq]`` bool: the token belongs to an original (base-model) language; the forms and
+    weights come from ``train`` (``TrainConfig``)."""
     ce = next_token_loss(logits, input_ids)
-    flat_original = original.reshape(-1)
+    if not records:
+        return LossParts(ce, ce)
     if training_stage == 1:
-        balance = torch.stack([load_balance(r) for r in records.values()]).mean() if records else ce.new_zeros(())
-        return LossParts(ce + alpha * balance, ce, balance=balance)
-    lpr_value = torch.stack([lpr(r, flat_original, lpr_form) for r in records.values()]).mean() if records else ce.new_zeros(())
+        balance = torch.stack([load_balance(r, train.balance_form) for r in records.values()]).mean()
+        return LossParts(ce + train.alpha * balance, ce, balance=balance)
+    flat_original = original.reshape(-1)
+    experts = {i: r.router_logits.shape[-1] for i, r in records.items()}
+    lpr_value = reduce_layers({i: lpr(r, flat_original, train.lpr_form) for i, r in records.items()}, experts,
+                              train.lpr_reduction)
     gated = [r for r in records.values() if r.classifier_logits is not None]
-    cls = torch.stack([classifier_loss(r, flat_original) for r in gated]).mean() if gated else ce.new_zeros(())
-    return LossParts(ce + gamma * lpr_value + beta * cls, ce, lpr=lpr_value, classifier=cls)
+    cls = (torch.stack([classifier_loss(r, original, train.classifier_label) for r in gated]).mean() if gated
+           else ce.new_zeros(()))
+    return LossParts(ce + train.gamma * lpr_value + train.beta * cls, ce, lpr=lpr_value, classifier=cls)

@@ -16,15 +16,32 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def perplexity_table(report: EvalReport) -> list[str]:
-    """Markdown rows: one per model, one column per language, then the old/new averages."""
-    languages = report.languages.all
-    rows = ["| model | " + " | ".join(languages) + " | old avg | new avg |",
-            "|---|" + "---:|" * (len(languages) + 2)]
+    """Markdown rows: one per model, one column per language, the out-of-domain perplexity of the languages that
+    have out-of-domain text, then the old/new averages."""
+    languages, ood = report.languages.all, report.ood_languages
+    rows = ["| model | " + " | ".join(languages + [f"{l} (out-of-domain)" for l in ood]) + " | old avg | new avg |",
+            "|---|" + "---:|" * (len(languages) + len(ood) + 2)]
     for label, results in report.models.items():
         avg = report.group_average(label)
-        rows.append(f"| {label} | " + " | ".join(_fmt(results.perplexity[l]) for l in languages)
-                    + f" | {_fmt(avg.old)} | {_fmt(avg.new)} |")
+        values = [results.perplexity[l] for l in languages] + [results.ood_perplexity.get(l) for l in ood]
+        rows.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(avg.old)} | {_fmt(avg.new)} |")
     return rows
+
+
+def forgetting_tables(report: EvalReport) -> list[str]:
+    """Markdown: per model, every language it knew before its round against the model that learned it (old
+    languages vs the base model, an earlier round's languages vs that round's model), held-out and out-of-domain."""
+    lines = []
+    for label in report.models:
+        changes = report.forgetting_by_round(label)
+        if not changes:
+            continue
+        lines += [f"### {label}", "", "| language | learned in | compared with | held-out change | out-of-domain change |",
+                  "|---|---|---|---:|---:|"]
+        lines += [f"| {f.language} | {f.learned_in} | {f.reference} | {f.percent:+.2f}% | "
+                  f"{'-' if f.ood_percent is None else f'{f.ood_percent:+.2f}%'} |" for f in changes]
+        lines.append("")
+    return lines
 
 
 def short_table(report: EvalReport) -> str:
@@ -36,6 +53,9 @@ def short_table(report: EvalReport) -> str:
         for lang in languages:
             b, f = base.perplexity[lang], final.perplexity[lang]
             lines.append(f"{lang:<6}{group:<6}{b:>12.2f}{f:>12.2f}{100 * (f - b) / b:>8.1f}%")
+    for lang in report.ood_languages:  # out-of-domain text
+        b, f = base.ood_perplexity[lang], final.ood_perplexity[lang]
+        lines.append(f"{lang:<6}{'ood':<6}{b:>12.2f}{f:>12.2f}{100 * (f - b) / b:>8.1f}%")
     for label, results in report.models.items():
         if results.experts is not None and "/" not in label:
             lines.append(f"{label}: {results.experts.new_experts} new experts in total, per layer "
@@ -48,12 +68,19 @@ def write_report_md(report: EvalReport, out: Path, figures: list[str]) -> None:
     models = report.models.items()
     lines = [f"# LayerMoE report: {report.run} (round {report.round})", "",
              f"Old languages: {', '.join(report.languages.old)}; new: {', '.join(report.languages.new)}.", "",
-             "## Perplexity on held-out text (lower is better)", "", *perplexity_table(report), "",
+             "## Perplexity on held-out text (lower is better)", "",
+             "Out-of-domain columns: text from a domain no training data uses (Debian's reference manual by default).",
+             "", *perplexity_table(report), "",
              "## Forgetting: old-language perplexity change vs the base model", ""]
     for label in report.models:
         if label != report.base_label:
             change = report.forgetting_percent(label)
-            lines.append(f"* {label}: " + ", ".join(f"{l} {v:+.2f}%" for l, v in change.items()))
+            ood = report.ood_forgetting_percent(label)
+            lines.append(f"* {label}: " + ", ".join(f"{l} {v:+.2f}%" for l, v in change.items())
+                         + ("; out-of-domain " + ", ".join(f"{l} {v:+.2f}%" for l, v in ood.items()) if ood else ""))
+    by_round = forgetting_tables(report)
+    if by_round:
+        lines += ["", "## Forgetting per round: every earlier language vs the model that learned it", "", *by_round]
     lines += ["", "## Experts", ""]
     for label, results in models:
         if results.experts is not None:
@@ -151,9 +178,10 @@ def compare_runs(run_dirs: list[Path]) -> str:
                 params = results.parameters
                 rows.append((f"| {run_dir.name} | {report.round} | {label} | {experts} | "
                              f"{'-' if params is None else f'{params / 1e6:,.1f}M'} | {_fmt(avg.old)} | "
-                             f"{_fmt(avg.new)} |", results.perplexity))
-    header = ["| run | round | model | new experts (all rounds) | total params | old ppl | new ppl | " + " | ".join(languages) + " |",
-              "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(languages)]
+                             f"{_fmt(report.old_ood_average(label))} | {_fmt(avg.new)} |", results.perplexity))
+    header = ["| run | round | model | new experts (all rounds) | total params | old in-domain | old out-of-domain | "
+              "new ppl | " + " | ".join(languages) + " |",
+              "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(languages)]
     return "\n".join(header + [row + " " + " | ".join(_fmt(ppl.get(l)) for l in languages) + " |" for row, ppl in rows])
 
 

@@ -50,33 +50,47 @@ def _lookup_key(pairs: dict[str, list[float]], a: str, b: str) -> str:
 
 
 def group_keys(pairs: dict[str, list[float]], old: list[str], new: list[str]) -> tuple[list[str], list[str]]:
-    """Keys of the new-new pairs and of the new-old pairs."""
+    """Keys of the new-new and of the new-old pairs (S_i needs them all: a missing one is an error)."""
     nn = [_lookup_key(pairs, a, b) for a, b in itertools.combinations(new, 2)]
     no = [_lookup_key(pairs, a, b) for a in new for b in old]
     return nn, no
 
 
+def _old_old_keys(pairs: dict[str, list[float]], old: list[str]) -> list[str] | None:
+    """Keys of the old-old pairs, or None when the similarity lacks one (the authors compute none)."""
+    try:
+        return [_lookup_key(pairs, a, b) for a, b in itertools.combinations(old, 2)]
+    except LayerMoEError:
+        return None
+
+
 def group_similarities(pairs: dict[str, list[float]], old: list[str], new: list[str]) -> dict[str, list[float]]:
-    """Per-layer means over pair groups: ``new_new`` (if >= 2 new languages), ``new_old``, ``all_pairs``."""
+    """Per-layer means over pair groups: ``new_old``; ``new_new`` (with >= 2 new languages); ``old_old`` (with >= 2
+    old languages) and ``all_pairs`` (every pair of old and new languages) only when the old-old pairs are present."""
     nn, no = group_keys(pairs, old, new)
-    groups = {"new_old": _mean_over(pairs, no), "all_pairs": _mean_over(pairs, list(pairs))}
+    groups = {"new_old": _mean_over(pairs, no)}
     if nn:
         groups["new_new"] = _mean_over(pairs, nn)
-    old_old = [_lookup_key(pairs, a, b) for a, b in itertools.combinations(old, 2)]
-    if old_old:
-        groups["old_old"] = _mean_over(pairs, old_old)
+    old_old = _old_old_keys(pairs, old)
+    if old_old is not None:
+        if old_old:
+            groups["old_old"] = _mean_over(pairs, old_old)
+        groups["all_pairs"] = _mean_over(pairs, nn + no + old_old)
     return groups
 
 
 def layer_scores(pairs: dict[str, list[float]], old: list[str], new: list[str], aggregation: Aggregation) -> list[float]:
     """S_i per layer. ``nn_no_mean`` = (NN_i + NO_i) / 2 (the reference); with a single new language there is
-    no new-new pair and S_i = NO_i (a warning says so)."""
+    no new-new pair and S_i = NO_i (a warning says so). ``all_pairs`` needs the old-old pairs too."""
     groups = group_similarities(pairs, old, new)
     if aggregation == "nn_no_mean":
         if "new_new" not in groups:
             warn(f"only one new language ({new}): no new-new pairs, so S_i = NO_i (new-old similarity)")
             return groups["new_old"]
         return [(a + b) / 2 for a, b in zip(groups["new_new"], groups["new_old"])]
+    if aggregation == "all_pairs" and aggregation not in groups:
+        raise LayerMoEError(f"aggregation 'all_pairs' needs every old-old pair of {old} as well; the similarity has "
+                            f"only new-new and new-old pairs (use nn_no_mean, new_new or new_old)")
     if aggregation not in groups:
         raise LayerMoEError(f"aggregation {aggregation!r} needs at least two new languages, got {new}")
     return groups[aggregation]

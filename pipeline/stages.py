@@ -30,13 +30,13 @@ from typing import Any, Callable
 import torch
 
 from pipeline import distributed, log
-from pipeline.allocate import allocate, read_allocation
+from pipeline.allocate import allocate, read_allocation, write_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
                              UpcycleConfig, to_dict)
-from pipeline.corpus import LanguageSource, Split, resolve_source
+from pipeline.corpus import LanguageSource, Split, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups
 from pipeline.evaluate import EvalModel, evaluate_models
@@ -45,7 +45,7 @@ from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.manifest import StageSpec, hash_path, run_stage
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
-from pipeline.plots import plot_allocation, plot_similarity
+from pipeline.plots import plot_similarity
 from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
 from pipeline.run_dir import round_input_model, stage_dir, stores_file, trained_model_dir
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
@@ -76,6 +76,15 @@ def _stores_input(config: RunConfig, round_index: int, stage: str) -> Path:
         raise LayerMoEError(f"{config.rounds[round_index].name}/{stage}: {path} does not exist; run the tokenize "
                             f"stage first (layermoe tokenize CONFIG)")
     return path
+
+
+def _skipped_for_dense(config: RunConfig, round_index: int, stage: str) -> Path | None:
+    """For a dense baseline (``expansion`` other than moe) the stages that build the MoE model do not apply: log
+    that and return the (absent) stage directory; None for the MoE expansion."""
+    if config.expansion == "moe":
+        return None
+    log.info(f"{config.rounds[round_index].name}/{stage}: skipped (expansion {config.expansion} trains the dense model)")
+    return stage_dir(config, round_index, stage)
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,8 @@ class AnalyzeSettings:
 
 def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
     """analyze: similarity.json + similarity.png for one round, from the train-split stores of its languages."""
+    if (skipped := _skipped_for_dense(config, round_index, "analyze")) is not None:
+        return skipped
     old, new = config.languages_before(round_index), list(config.rounds[round_index].languages)
     model_path = round_input_model(config, round_index)
     stores = _stores_input(config, round_index, "analyze")
@@ -223,6 +234,8 @@ class AllocateSettings:
 
 def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Path:
     """allocate: allocation.json + allocation.png for one round, from that round's similarity.json."""
+    if (skipped := _skipped_for_dense(config, round_index, "allocate")) is not None:
+        return skipped
     settings = AllocateSettings(config.allocate_for(round_index))
     model_path = round_input_model(config, round_index)
     similarity_file = stage_dir(config, round_index, "analyze") / "similarity.json"
@@ -248,12 +261,8 @@ def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, si
              f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
     log.info("parameter plan (top-2):\n" + format_plan(params))
     if out is not None:
-        write_json(out / "allocation.json", result.to_json(
-            aggregation=settings.allocate.aggregation, round=rnd.name, new_languages=rnd.languages,
-            parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total}))
-        plot_allocation(result.experts_per_layer, result.classifier_layers,
-                        f"{rnd.name}: {sum(result.new_experts_per_layer)} new experts ({result.method})",
-                        out / "allocation.png")
+        write_allocation(out, result, settings.allocate, rnd.name, round=rnd.name, new_languages=rnd.languages,
+                         parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total})
     return {"total_new_experts": sum(result.new_experts_per_layer), "classifier_layers": result.classifier_layers}
 
 
@@ -286,6 +295,8 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
     """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
     model, checked to compute the same logits on a sample of the round's stores; later rounds: grow the previous
     round's model)."""
+    if (skipped := _skipped_for_dense(config, round_index, "upcycle")) is not None:
+        return skipped
     settings = UpcycleSettings(config.upcycle, config.seed, config.model.dtype, config.old_languages)
     model_path = round_input_model(config, round_index)
     allocation_file = stage_dir(config, round_index, "allocate") / "allocation.json"
@@ -340,9 +351,13 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
 
 
 def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, force: bool = False) -> Path:
-    """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory."""
+    """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory. Stage 1
+    starts from the upcycled model (a dense baseline: from the round's input model)."""
     name = f"train_stage{training_stage}"
-    model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
+    if training_stage == 1 and config.expansion != "moe":
+        model_in = round_input_model(config, round_index)
+    else:
+        model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
     if not model_in.is_dir():
         raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: input model {model_in} does not exist; run "
                             f"the earlier stages first")
@@ -379,7 +394,7 @@ def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, s
     if out is not None and (checkpoints / "routing_stats.json").exists():
         shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
-            "peak_memory_gib": result.peak_memory_gib}
+            "peak_memory_gib": result.peak_memory_gib, "trained_parameters": result.trained_parameters}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,9 +430,10 @@ def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Pa
                                [l for l in known if l not in config.old_languages])
     settings = EvaluateSettings(config.evaluate, languages.all, [m.label for m in models])
     stores = _stores_input(config, round_index, "evaluate")
+    ood = {f"ood:{lang}": source.path for lang in languages.all if (source := ood_source(config, lang)) is not None}
     body = functools.partial(_evaluate, config, round_index, models, languages, stores)
     return _run(config, round_index, "evaluate", settings,
-                {**{f"model:{m.label}": m.path for m in models}, "stores": stores}, body, force)
+                {**{f"model:{m.label}": m.path for m in models}, "stores": stores, **ood}, body, force)
 
 
 def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,

@@ -1,7 +1,11 @@
 """Training stages 1 and 2 with DeepSpeed (docs/method.md, 2 and 3.3-3.5).
 
 * stage 1: trainable = this round's new experts + routers; loss = CE + alpha * load balance; new languages.
-* stage 2: trainable = routers + classifiers; loss = CE + gamma * LPR + beta * classifier CE; new + replay.
+  The routing classifiers do not act (``config.classifiers_active`` stays False, as upcycle left it).
+* stage 2: the classifiers are switched on before the first step (and stay on in the exported model);
+  trainable = routers + classifiers; loss = CE + gamma * LPR + beta * classifier CE; new + replay.
+* dense baselines (``expansion: dense_full | dense_ffn | lora``, ``pipeline.dense_expansion``): the dense
+  model's own parameters (or LoRA adapters) train in both stages on the same data and schedule, CE only.
 
 The model is the previous stage's exported HF directory; the result is exported the same way. The data are the
 round's token stores (``stores.json`` of its tokenize stage); each rank reads only its own micro-batches. DeepSpeed
@@ -32,6 +36,7 @@ from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device
 from pipeline.config import RunConfig, StageTrainConfig, TrainingStage, to_dict
+from pipeline.dense_expansion import merged_model, prepare_dense_model
 from pipeline.distributed import DistInfo
 from pipeline.ds_config import deepspeed_config
 from pipeline.errors import LayerMoEError
@@ -47,7 +52,7 @@ from pipeline.store_index import StoreIndex
 from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, expert_shards, latest_checkpoint,
                                           save_checkpoint)
 from pipeline.training_data import StageMix, build_stage_mix, stage_languages
-from pipeline.upcycle import set_trainable
+from pipeline.upcycle import parameter_roles, set_trainable
 
 
 class TrainingDiverged(LayerMoEError):
@@ -81,7 +86,8 @@ def describe_settings(config: RunConfig, training_stage: TrainingStage) -> dict:
     """The config slice a training stage depends on (for its manifest)."""
     excluded = ("stage1", "stage2", "ep_size")  # ep_size: a layout choice, checkpoints move between layouts
     return {"train": {k: v for k, v in to_dict(config.train).items() if k not in excluded},
-            "stage": to_dict(config.train.for_stage(training_stage)), "seed": config.seed}
+            "stage": to_dict(config.train.for_stage(training_stage)), "seed": config.seed,
+            "expansion": config.expansion}
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: StageMix
     trainable: list[str]
+    trained_parameters: dict[str, int]  # trainable parameters by role (e.g. experts_round1, routers; dense_full)
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +142,7 @@ class StageResult:
     tokens_per_second: float
     routing: dict[int, LayerRouting]  # the last interval's statistics, by MoE layer
     peak_memory_gib: float
+    trained_parameters: dict[str, int]  # by role
 
 
 def train_stage(config: RunConfig, round_index: int, training_stage: TrainingStage, model_in: Path,
@@ -163,7 +171,8 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
     peak = peak_memory_gib(trainer.device)
     log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
              f"{peak:.2f} GiB ({'GPU allocated' if trainer.device.type == 'cuda' else 'process RSS'})")
-    return StageResult(run.settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak)
+    return StageResult(run.settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak,
+                       trainer.trained_parameters)
 
 
 def _layout(config: RunConfig, dist: DistInfo) -> Layout:
@@ -186,13 +195,25 @@ def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
     config, settings = run.config, run.settings
     torch.manual_seed(config.seed)
     model = load_causal_lm(run.model_in, "float32", pick_device(config.model.device))
-    if not isinstance(model, LayerMoEForCausalLM):
-        raise LayerMoEError(f"{run.model_in} is a dense model; training needs the upcycled model (run upcycle first)")
-    resume.load_weights_before_sharding(model)
-    placements = _shard_experts(model, run.layout.ep_size)
-    trainable = set_trainable(model, trainable_roles(run.training_stage, len(model.config.rounds)))
+    if config.expansion != "moe":
+        model, by_role = prepare_dense_model(model, config.expansion, config.train.lora)
+        resume.load_weights_before_sharding(model)
+        placements = {}
+    else:
+        if not isinstance(model, LayerMoEForCausalLM):
+            raise LayerMoEError(f"{run.model_in} is a dense model; training needs the upcycled model (run upcycle first)")
+        if run.training_stage == 2:
+            model.set_classifiers_active(True)  # the classifiers act from stage 2 on (docs/method.md, 3.3)
+        resume.load_weights_before_sharding(model)
+        placements = _shard_experts(model, run.layout.ep_size)
+        roles = trainable_roles(run.training_stage, len(model.config.rounds))
+        set_trainable(model, roles)
+        by_role = {role: [name for name, _ in params] for role, params in parameter_roles(model).items() if role in roles}
+    trainable = [name for names in by_role.values() for name in names]
     if not trainable:
         raise LayerMoEError(f"{run.name} has nothing to train in {run.model_in} (no new experts/routers/classifiers)")
+    params = dict(model.named_parameters())
+    trained_parameters = {role: sum(params[name].numel() for name in names) for role, names in by_role.items()}
     param_groups = _optimizer_param_groups(model, placements, run)
     model.train()
     data = stage_data(run)
@@ -201,7 +222,7 @@ def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping))
-    return Trainer(engine, scheduler, data, trainable)
+    return Trainer(engine, scheduler, data, trainable, trained_parameters)
 
 
 def stage_data(run: TrainingRun) -> StageMix:
@@ -281,10 +302,10 @@ def _micro_batch_loss(run: TrainingRun, engine, input_ids: torch.Tensor,
                       original: torch.Tensor) -> tuple[LossParts, dict[int, RoutingRecord]]:
     """The forward of one micro-batch: the stage's loss parts and every MoE layer's routing record."""
     logits = engine(input_ids=input_ids, use_cache=False).logits
-    records = {i: block.last_routing for i, block in moe_blocks(engine.module).items()}
-    train = run.config.train
-    parts = stage_loss(run.training_stage, logits, input_ids, records, original, train.alpha, train.gamma, train.beta,
-                       train.lpr_form)
+    model = engine.module
+    records = ({i: block.last_routing for i, block in moe_blocks(model).items()}
+               if isinstance(model, LayerMoEForCausalLM) else {})
+    parts = stage_loss(run.training_stage, logits, input_ids, records, original, run.config.train)
     return parts, records
 
 
@@ -327,13 +348,13 @@ def save_final_checkpoint_and_export(run: TrainingRun, trainer: Trainer, export_
     distributed.barrier()
 
 
-def export_trained_model(model: LayerMoEForCausalLM, checkpoint: SavedCheckpoint, export_dir: Path,
+def export_trained_model(model: torch.nn.Module, checkpoint: SavedCheckpoint, export_dir: Path,
                          model_in: Path) -> None:
     """Save the trained model as an HF directory (rank 0); with expert parallelism, the experts other ranks
-    hold come from the final checkpoint's shards."""
+    hold come from the final checkpoint's shards; LoRA adapters are merged into the weights."""
     if checkpoint.layout.ep_size > 1:
         unshard_model(model, expert_shards(checkpoint))
-    model.eval()
+    model = merged_model(model).eval()
     export_model(model, export_dir, tokenizer_from=model_in)
 
 

@@ -3,6 +3,8 @@
 * ``upcycle``: every layer with ``N_i > 1`` experts gets a ``LayerMoEBlock`` whose expert 0 is the original
   FFN and whose other experts are exact copies of it; routers (and classifiers) are freshly initialised.
   Right after upcycling the model computes the dense model's function.
+* Both leave the classifiers inactive (``config.classifiers_active = False``): in stage 1 every layer routes
+  top-k over all its experts, so the new experts of classifier layers are trained too; stage 2 activates them.
 * ``grow``: appends ``N_i(new) - 1`` fresh copies of the ORIGINAL FFN (expert 0) per layer after the existing
   experts; routers are re-initialised (reference) or keep their old rows; classifier layers may change.
 * ``parameter_roles`` / ``set_trainable``: which parameters are the original model, the new experts of each
@@ -88,7 +90,7 @@ def upcycle(dense: torch.nn.Module, plan: ExpansionRound, original_languages: li
         expert_rounds=[[0] + [1] * (n - 1) for n in plan.experts_per_layer],
         classifier_layers=[i for i in plan.classifier_layers if plan.experts_per_layer[i] > 1],
         num_experts_per_tok=top_k, pooling=pooling, rounds=[{"name": plan.name, "languages": list(plan.languages)}],
-        original_languages=list(original_languages))
+        original_languages=list(original_languages), classifiers_active=False)
     state = {}
     for key, tensor in dense.state_dict().items():
         m = _MLP_KEY.match(key)
@@ -116,7 +118,7 @@ def grow(model: LayerMoEForCausalLM, plan: ExpansionRound, keep_router_rows: boo
         base_config=config.base_config, experts_per_layer=new_experts, expert_rounds=expert_rounds,
         classifier_layers=classifiers, num_experts_per_tok=config.num_experts_per_tok, pooling=config.pooling,
         rounds=config.rounds + [{"name": plan.name, "languages": list(plan.languages)}],
-        original_languages=config.original_languages)
+        original_languages=config.original_languages, classifiers_active=False)
     state, kept_rows = {}, {}
     for key, tensor in model.base.state_dict().items():
         m = _MLP_KEY.match(key)

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config
+import json
+
+from pipeline.cli import main
+from pipeline.config import RECIPES, ConfigError, RunConfig, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +70,15 @@ def test_round_allocate_override(tmp_path):
     ("data.heldout_fraction=1.5", r"^data\.heldout_fraction: must be in \(0, 1\)"),
     ("analyze.include_special_tokens=maybe", r"^analyze\.include_special_tokens: expected true/false"),
     ("nonsense", r"expected KEY=VALUE"),
+    ("recipe=authors", r"^recipe: 'authors' is not one of \['project', 'reference'\]"),
+    ("expansion=full", r"^expansion: 'full' is not one of"),
+    ("train.balance_form=slots", r"^train\.balance_form: 'slots' is not one of"),
+    ("train.lora.rank=0", r"^train\.lora\.rank: must be >= 1"),
+    ("expansion=lora train.ep_size=2", r"^train\.ep_size: expert parallelism needs experts"),
 ])
 def test_errors_name_the_field(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path), [override])
+        load_config(write(tmp_path), override.split(" "))
 
 
 def test_missing_required_and_file_errors(tmp_path):
@@ -80,3 +88,32 @@ def test_missing_required_and_file_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "name: [unclosed\n"))
+
+
+def _setting(config: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def test_recipes_preset_fields_that_are_not_set_explicitly(tmp_path, capsys):
+    project = load_config(write(tmp_path))
+    assert project.recipe == "project"
+    # the project recipe is the dataclass defaults, so a config without a recipe means the same thing
+    defaults = RunConfig(name="x", old_languages=["en"], rounds=[])
+    assert {key: _setting(project, key) for key in RECIPES["project"]} == RECIPES["project"]
+    assert {key: _setting(defaults, key) for key in RECIPES["project"]} == RECIPES["project"]
+    reference = load_config(write(tmp_path), ["recipe=reference"])
+    assert {key: _setting(reference, key) for key in RECIPES["reference"]} == {
+        "train.balance_form": "reference", "train.lpr_form": "double_softmax", "train.lpr_reduction": "expert_groups",
+        "train.classifier_label": "sequence", "upcycle.pooling": "sequence"}
+    # a single field set in the YAML or on the command line wins over the preset
+    yaml_set = BASE + "recipe: reference\ntrain: {lpr_form: paper}\n"
+    mixed = load_config(write(tmp_path, yaml_set), ["upcycle.pooling=prefix"])
+    assert mixed.train.lpr_form == "paper" and mixed.upcycle.pooling == "prefix"
+    assert mixed.train.lpr_reduction == "expert_groups" and mixed.train.classifier_label == "sequence"
+    # show-config prints the resolved values
+    assert main(["show-config", str(write(tmp_path)), "recipe=reference", "train.classifier_label=token"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["recipe"] == "reference" and shown["train"]["lpr_form"] == "double_softmax"
+    assert shown["train"]["classifier_label"] == "token" and shown["upcycle"]["pooling"] == "sequence"
+    assert shown == to_dict(load_config(write(tmp_path), ["recipe=reference", "train.classifier_label=token"]))

@@ -59,6 +59,7 @@ def test_upcycled_model_with_distinct_experts_equals_a_per_token_reference(model
     logits equal those of the same model whose MoE blocks are replaced by the per-token reference (softmax,
     ``torch.topk``, renormalise; the classifier on the prefix mean of the valid tokens)."""
     model = upcycle(dense_model(model_type), ExpansionRound("g1", ["el"], [4, 3, 1], [1]), ["en"])
+    model.set_classifiers_active(True)  # as training stage 2 leaves it
     perturb_experts(model, 0.3)
     for block in moe_blocks(model).values():
         if block.classifier is not None:
@@ -154,6 +155,44 @@ def test_every_routed_expert_runs_only_on_its_tokens():
     assert [seen[e] for e in range(4)] == counts.tolist() and sum(seen.values()) == 2 * 13 * 2
 
 
+def test_stage1_classifier_layers_route_exactly_the_router_top_k():
+    """Upcycled (stage-1) model: the classifiers do not act, so a classifier layer's experts receive exactly the
+    tokens of the router's top-k over all experts; once activated (stage 2) the classifier changes that."""
+    model = upcycle(dense_model(), ExpansionRound("g1", ["el"], [2, 4, 1], [1]), ["en"])
+    assert model.config.classifiers_active is False
+    block = moe_blocks(model)[1]
+    perturb_experts_of(block)  # a random classifier that would send some tokens to expert 0 if it acted
+    received: dict[int, list[torch.Tensor]] = {e: [] for e in range(4)}
+    inputs = []
+    block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    for e, expert in enumerate(block.experts):
+        expert.register_forward_hook(lambda m, a, o, e=e: received[e].append(a[0].detach().clone()))
+    ids = torch.randint(4, 400, (3, 17))
+
+    def routed_rows():
+        inputs.clear()
+        for rows in received.values():
+            rows.clear()
+        with torch.no_grad():
+            model(ids)
+        x = inputs[0]
+        logits = x.float() @ block.router.weight.float().T
+        top = torch.topk(torch.softmax(logits, -1), 2, dim=-1).indices
+        got = {e: torch.cat(received[e]) for e in received}
+        want = {e: x[(top == e).any(-1)] for e in received}
+        return got, want
+
+    got, want = routed_rows()
+    assert block.last_routing.classifier_logits is None and block.last_routing.sent_to_original is None
+    for e in range(4):
+        assert got[e].shape == want[e].shape and torch.equal(got[e], want[e]), e
+    assert all(len(got[e]) > 0 for e in range(1, 4))  # the new experts are trained on their tokens
+    model.set_classifiers_active(True)
+    got, want = routed_rows()
+    sent = block.last_routing.sent_to_original
+    assert sent.any() and any(got[e].shape != want[e].shape for e in range(1, 4))
+
+
 def test_prefix_pooling_is_causal():
     dense = dense_model(layers=1)
     block = LayerMoEBlock(dense.model.layers[0].mlp, 3, 32, 2, classifier=True, pooling="prefix").eval()
@@ -176,6 +215,7 @@ def test_prefix_pooling_is_causal():
 
 def test_cache_and_no_cache_greedy_generation_agree():
     model = upcycle(dense_model(), ExpansionRound("g1", ["el"], [3, 2, 2], [0, 2]), ["en"])
+    model.set_classifiers_active(True)
     perturb_experts(model, 0.3)
     for block in moe_blocks(model).values():
         if block.classifier is not None:
@@ -189,8 +229,11 @@ def test_cache_and_no_cache_greedy_generation_agree():
 def test_save_and_load_through_both_loaders(tmp_path):
     model = upcycle(dense_model("qwen2"), ExpansionRound("g1", ["el"], [2, 3, 2], [1]), ["en"])
     perturb_experts(model)
+    model.set_classifiers_active(True)  # as after stage 2: the loaded models must gate the same way
+    perturb_experts_of(moe_blocks(model)[1])
     out = export_model(model, tmp_path / "expanded")
     config = json.loads((out / "config.json").read_text())
+    assert config["classifiers_active"] is True
     assert config["model_type"] == "layermoe" and config["base_config"]["model_type"] == "qwen2"
     assert config["experts_per_layer"] == [2, 3, 2] and config["classifier_layers"] == [1]
     assert config["num_experts_per_tok"] == 2 and config["pooling"] == "prefix"
@@ -198,7 +241,9 @@ def test_save_and_load_through_both_loaders(tmp_path):
     ids = torch.randint(4, 400, (2, 10))
     with torch.no_grad():
         expected = model(ids).logits
+        gate = moe_blocks(model)[1].last_routing.sent_to_original
         ours = load_causal_lm(out)(ids).logits
+    assert gate.any() and not gate.all()  # the classifier decides both ways, so acting or not matters
     assert torch.equal(ours, expected)
     # plain transformers in a fresh interpreter that never imports this package
     torch.save(ids, tmp_path / "ids.pt")
@@ -248,7 +293,11 @@ def test_growth_appends_copies_of_the_original_and_preserves_round1_when_new_exp
     round1 = upcycle(dense_model(), ROUND1, ["en"])
     perturb_experts(round1, 0.2)
     before = {k: v.clone() for k, v in round1.state_dict().items()}
+    round1.set_classifiers_active(True)  # as round 1's stage 2 left it
     round2 = grow(round1, ExpansionRound("g2", ["hi"], [2, 2, 3], [1]), keep_router_rows=True)
+    # round 2's stage 1 routes without classifiers, so its experts in classifier layers get tokens
+    assert round2.config.classifiers_active is False and round1.config.classifiers_active is True
+    round1.set_classifiers_active(False)  # below: both models route the same way
     assert round2.config.experts_per_layer == [3, 4, 3]
     assert round2.config.expert_rounds == [[0, 1, 2], [0, 1, 1, 2], [0, 2, 2]]
     assert round2.config.classifier_layers == [1] and [r["name"] for r in round2.config.rounds] == ["g1", "g2"]

@@ -52,6 +52,8 @@ def first_step_by_hand(config_path: Path, round_index: int, stage: int) -> dict[
     rnd = config.rounds[round_index].name
     model_in = config.run_path / rnd / ("upcycle" if stage == 1 else "train_stage1") / "model"
     model = load_causal_lm(model_in).train()
+    if stage == 2:
+        model.set_classifiers_active(True)  # as training stage 2 does before its first step
     settings = config.train.stage1 if stage == 1 else config.train.stage2
     data = build_stage_data(config, round_index, stage, load_tokenizer(model_in))
     ids = data.blocks.input_ids[:settings.micro_batch_size]
@@ -133,6 +135,14 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
     for role in ("original", "experts_round1", "classifiers"):  # round 2's stage 1 trains round-2 experts only
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after[role], stage1[role])), role
     assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(after["experts_round2"], stage1["experts_round2"]))
+    # no classifier acts in round 2's stage 1 either: every round-2 expert of the classifier layer got tokens
+    assert trained1.config.classifiers_active is True and grown.config.classifiers_active is False
+    rounds = grown.config.expert_rounds
+    for snapshot in json.loads((g2 / "train_stage1" / "routing_stats.json").read_text()):
+        for layer in allocation["classifier_layers"]:
+            stats = snapshot["layers"][str(layer)]
+            assert stats["classifier_accuracy"] is None
+            assert all(n > 0 for e, n in enumerate(stats["load"]) if rounds[layer][e] == 2), stats
 
     # round 2's tokenize stage (the round-1 model's tokenizer: the base one's files) tokenizes only its new language
     tokenize2 = segment(log, "g2/tokenize")
@@ -161,6 +171,11 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
     assert list(report["perplexity"]) == ["base", "g1/stage1", "g1", "g2/stage1", "g2"]
     assert report["languages"] == {"old": ["en"], "new": ["el", "hu"]}
     assert set(report["forgetting_percent"]["g2"]) == {"en"}
+    # per round: en against the base model, el (learned in g1) against g1's model
+    ppl, by_round = report["perplexity"], report["forgetting_by_round"]
+    assert by_round["g2"]["el"]["reference"] == "g1" and by_round["g2"]["en"]["reference"] == "base"
+    assert by_round["g2"]["el"]["percent"] == pytest.approx(100 * (ppl["g2"]["el"] / ppl["g1"]["el"] - 1))
+    assert set(by_round["g1"]) == {"en"} and set(by_round["g2/stage1"]) == {"en", "el"}
     assert report["experts"]["g2"]["new_experts"] == sum(grown.config.experts_per_layer) - 2
     assert report["experts"]["g1"]["new_experts"] == 3
     assert set(report["translation"]) == {"base", "g1", "g2"}

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_documents
+from conftest import synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
-from pipeline.config import StageTrainConfig
+from pipeline.config import StageTrainConfig, TrainConfig
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
 from pipeline.ranks import free_port
-from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
+from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, reduce_layers, stage_loss
 from pipeline.routing_stats import LayerRouting, RoutingStats
 from pipeline.train import lr_multiplier, trainable_roles
 from pipeline.upcycle import parameter_roles
@@ -46,17 +46,22 @@ def record(logits, indices, valid=None, classifier_logits=None, sent=None) -> Ro
                          None if sent is None else torch.tensor(sent))
 
 
-def test_load_balance_by_hand():
-    r = record([[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]], [[0, 1], [0, 2]])
-    # f = slots (2, 1, 1) / 4; P = mean of (1/3,1/3,1/3) and (1/2,1/4,1/4)
-    f = torch.tensor([0.5, 0.25, 0.25])
-    p = torch.tensor([(1 / 3 + 1 / 2) / 2, (1 / 3 + 1 / 4) / 2, (1 / 3 + 1 / 4) / 2])
-    assert load_balance(r).item() == pytest.approx(3 * float((f * p).sum()), rel=1e-6)
-    # perfect balance is 1 whatever E is
-    for e in (2, 3, 5):
-        logits = torch.zeros(e, e).tolist()
-        idx = [[i % e, (i + 1) % e] for i in range(e)]
-        assert load_balance(record(logits, idx)).item() == pytest.approx(1.0, rel=1e-6)
+def test_load_balance_forms_by_hand():
+    logits = [[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]]
+    r = record(logits, [[0, 1], [0, 2]])
+    # by hand, per slot: f[j][e] = share of the 2 tokens whose j-th choice is e; P_e = mean router probability
+    probs = [[1 / 3, 1 / 3, 1 / 3], [1 / 2, 1 / 4, 1 / 4]]
+    p = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
+    f = [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
+    reference = 3 * sum(f[j][e] * p[e] for j in range(2) for e in range(3))
+    assert load_balance(r, "reference").item() == pytest.approx(reference, rel=1e-6)
+    assert load_balance(r, "normalized").item() == pytest.approx(reference / 2, rel=1e-6)  # divided by k
+    # uniform routing: k (reference) or 1 (normalized), whatever E is
+    for e, k in ((2, 2), (3, 2), (5, 2), (5, 3), (4, 1)):
+        idx = [[(i + j) % e for j in range(k)] for i in range(e)]
+        uniform = record(torch.zeros(e, e).tolist(), idx)
+        assert load_balance(uniform, "reference").item() == pytest.approx(k, rel=1e-6)
+        assert load_balance(uniform, "normalized").item() == pytest.approx(1.0, rel=1e-6)
     # padding and classifier-gated tokens do not count
     gated = record([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]], [[0, 1], [0, 2]], valid=[True, True], sent=[False, True],
                    classifier_logits=[[0.0, 1.0], [1.0, 0.0]])
@@ -74,15 +79,66 @@ def test_lpr_forms_by_hand():
     assert lpr(r, torch.tensor([False] * 3)).item() == 0.0
 
 
-def test_classifier_and_ce_by_hand():
-    r = record([[0.0, 0.0]] * 2, [[0, 1]] * 2, classifier_logits=[[2.0, 0.0], [0.0, 0.0]], sent=[True, False])
-    original = torch.tensor([True, False])  # labels OLD, NEW
-    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
-    assert classifier_loss(r, original).item() == pytest.approx(expected, rel=1e-6)
+def test_lpr_reductions_by_hand():
+    """Three MoE layers, E = 2, 2, 4: ``layers`` averages the three; ``expert_groups`` averages the two E=2 layers,
+    then that with the E=4 layer (the authors' LayerMoE code, as reported)."""
+    torch.manual_seed(0)
+    records = {i: record(torch.randn(4, e).tolist(), [[0, 1]] * 4) for i, e in ((0, 2), (3, 2), (5, 4))}
+    original = torch.tensor([[True, False], [True, True]])
+    flat = original.reshape(-1)
+    per_layer = {i: float(-torch.log_softmax(r.router_logits[flat], -1)[:, 0].mean()) for i, r in records.items()}
+    logits, ids = torch.randn(2, 2, 7), torch.randint(0, 7, (2, 2))
+    by_layers = stage_loss(2, logits, ids, records, original, TrainConfig(lpr_reduction="layers"))
+    by_groups = stage_loss(2, logits, ids, records, original, TrainConfig(lpr_reduction="expert_groups"))
+    assert by_layers.lpr.item() == pytest.approx(sum(per_layer.values()) / 3, rel=1e-6)
+    assert by_groups.lpr.item() == pytest.approx(((per_layer[0] + per_layer[3]) / 2 + per_layer[5]) / 2, rel=1e-6)
+    # equal expert counts everywhere: the two reductions agree
+    same = {i: record(r.router_logits.tolist(), [[0, 1]] * 4) for i, r in records.items() if i != 5}
+    assert (reduce_layers({i: torch.tensor(per_layer[i]) for i in same}, {0: 2, 3: 2}, "expert_groups").item()
+            == pytest.approx((per_layer[0] + per_layer[3]) / 2))
+
+
+def test_classifier_labels_by_hand():
+    # 2 sequences x 3 tokens; the second starts with padding; languages change inside both
+    original = torch.tensor([[True, True, False], [False, True, False]])
+    valid = [True, True, True, False, True, True]
+    cls = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, -5.0], [0.0, 3.0], [1.0, 0.0]]
+    r = record([[0.0, 0.0]] * 6, [[0, 1]] * 6, valid=valid, classifier_logits=cls, sent=[False] * 6)
+    ce = lambda logits, label: -math.log(math.exp(logits[label]) / sum(math.exp(v) for v in logits))
+    OLD_, NEW_ = 0, 1
+    # token: every valid token with its own label, mean over the 5 valid tokens
+    token_labels = [OLD_, OLD_, NEW_, None, OLD_, NEW_]
+    expected_token = sum(ce(cls[t], token_labels[t]) for t in range(6) if valid[t]) / 5
+    assert classifier_loss(r, original, "token").item() == pytest.approx(expected_token, rel=1e-6)
+    # sequence: sequence 0 is labelled OLD (its first token), sequence 1 OLD (its first VALID token, position 1);
+    # mean over each sequence's valid tokens, then over the 2 sequences
+    seq0 = (ce(cls[0], OLD_) + ce(cls[1], OLD_) + ce(cls[2], OLD_)) / 3
+    seq1 = (ce(cls[4], OLD_) + ce(cls[5], OLD_)) / 2
+    assert classifier_loss(r, original, "sequence").item() == pytest.approx((seq0 + seq1) / 2, rel=1e-6)
+    # with the reference's pooling every position of a sequence has the same logits: one CE per sequence
+    same = [cls[0]] * 3 + [cls[4]] * 3
+    r = record([[0.0, 0.0]] * 6, [[0, 1]] * 6, valid=valid, classifier_logits=same, sent=[False] * 6)
+    assert classifier_loss(r, original, "sequence").item() == pytest.approx((ce(cls[0], OLD_) + ce(cls[4], OLD_)) / 2,
+                                                                            rel=1e-6)
+
+
+def test_ce_by_hand():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3)  # p(target=2) = 3/6
     ids = torch.tensor([[1, 2, 3]])
     assert next_token_loss(logits, ids).item() == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+
+
+def test_stage_loss_combines_terms():
+    r = record([[1.0, 0.0, 0.5]] * 4, [[0, 2]] * 4, classifier_logits=[[0.3, 0.1]] * 4, sent=[True] * 4)
+    logits, ids = torch.randn(1, 4, 7), torch.randint(0, 7, (1, 4))
+    original = torch.tensor([[True, False, True, True]])
+    s1 = stage_loss(1, logits, ids, {0: r}, original, TrainConfig(alpha=0.5))
+    assert s1.total.item() == pytest.approx(s1.ce.item() + 0.5 * s1.balance.item())
+    s2 = stage_loss(2, logits, ids, {0: r}, original, TrainConfig(gamma=0.2, beta=0.3))
+    assert s2.total.item() == pytest.approx(s2.ce.item() + 0.2 * s2.lpr.item() + 0.3 * s2.classifier.item())
+    dense = stage_loss(2, logits, ids, {}, original, TrainConfig())  # a dense baseline: CE only
+    assert dense.total.item() == dense.ce.item() and dense.lpr is None and dense.balance is None
 
 
 def routed_records(mask: torch.Tensor) -> dict[int, RoutingRecord]:
@@ -128,9 +184,11 @@ def by_hand_gated(r: RoutingRecord) -> torch.Tensor:
     return r.classifier_logits[:, 0] > r.classifier_logits[:, 1]
 
 
-def by_hand_balance(records: dict[int, RoutingRecord], valid: torch.Tensor, k: int = 2) -> torch.Tensor:
-    """Mean over layers of E * sum_e f_e P_e over the routed tokens (valid, not sent to expert 0): f_e = share of
-    the top-k slots that chose e, P_e = mean router probability of e."""
+def by_hand_balance(records: dict[int, RoutingRecord], valid: torch.Tensor, k: int = 2,
+                    form: str = "reference") -> torch.Tensor:
+    """Mean over layers of E * sum_e f_e P_e over the routed tokens (valid, not sent to expert 0): f_e = number of
+    top-k slots that chose e per routed token (``reference``: summed over the k slots) or per slot
+    (``normalized``), P_e = mean router probability of e."""
     balances = []
     for r in records.values():
         probs = torch.softmax(r.router_logits, dim=-1)
@@ -139,7 +197,9 @@ def by_hand_balance(records: dict[int, RoutingRecord], valid: torch.Tensor, k: i
             balances.append(torch.zeros(()))
             continue
         top = probs[routed].topk(k, dim=-1).indices
-        share = torch.stack([(top == e).sum() for e in range(probs.shape[1])]).float() / top.numel()
+        share = torch.stack([(top == e).sum() for e in range(probs.shape[1])]).float() / len(top)
+        if form == "normalized":
+            share = share / k
         balances.append(probs.shape[1] * (share * probs[routed].mean(0)).sum())
     return sum(balances) / len(balances)
 
@@ -165,14 +225,15 @@ def by_hand_classifier(records: dict[int, RoutingRecord], valid: torch.Tensor, o
     return sum(losses) / len(losses)
 
 
-def test_stage1_total_is_ce_plus_alpha_times_the_balance_of_the_routed_tokens():
+@pytest.mark.parametrize("form", ["reference", "normalized"])
+def test_stage1_total_is_ce_plus_alpha_times_the_balance_of_the_routed_tokens(form):
     logits, ids, original, mask, records = loss_inputs()
     valid = mask.reshape(-1).bool()
     gated = by_hand_gated(records[0])
     assert (valid & gated).any() and (valid & ~gated).any()  # the classifier decides both ways
-    balance = by_hand_balance(records, valid)
+    balance = by_hand_balance(records, valid, form=form)
     assert balance > 0.5  # routed tokens: the term is not 0
-    parts = stage_loss(1, logits, ids, records, original, alpha=0.5)
+    parts = stage_loss(1, logits, ids, records, original, TrainConfig(alpha=0.5, balance_form=form))
     assert parts.ce.item() == pytest.approx(by_hand_ce(logits, ids).item(), rel=1e-6)
     assert parts.balance.item() == pytest.approx(balance.item(), rel=1e-6)
     assert parts.total.item() == pytest.approx((by_hand_ce(logits, ids) + 0.5 * balance).item(), rel=1e-6)
@@ -184,7 +245,7 @@ def test_stage2_total_is_ce_plus_gamma_lpr_on_original_tokens_plus_beta_classifi
     valid, flat_original = mask.reshape(-1).bool(), original.reshape(-1)
     lpr_value = by_hand_lpr(records, valid & flat_original, form)
     classifier = by_hand_classifier(records, valid, flat_original)
-    parts = stage_loss(2, logits, ids, records, original, gamma=0.2, beta=0.3, lpr_form=form)
+    parts = stage_loss(2, logits, ids, records, original, TrainConfig(gamma=0.2, beta=0.3, lpr_form=form))
     assert parts.lpr.item() == pytest.approx(lpr_value.item(), rel=1e-6)
     assert parts.classifier.item() == pytest.approx(classifier.item(), rel=1e-6)
     expected = by_hand_ce(logits, ids) + 0.2 * lpr_value + 0.3 * classifier
@@ -309,7 +370,12 @@ def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
 
 def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     run_dir = tmp_path / "run"
-    config = write_config(train_setup, run_dir)
+    # out-of-domain English: other text, plus 5 training documents that the evaluation must drop
+    training_en = [json.loads(line)["text"] for line in (train_setup / "en.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "en_ood.jsonl", synthetic_documents("en", 60, seed=77) + training_en[:5])
+    data = {"builtin_corpus": "none", "sources": {l: {"path": str(train_setup / f"{l}.jsonl")} for l in ("en", "el", "hu")},
+            "ood_sources": {"en": {"path": str(tmp_path / "en_ood.jsonl")}}}
+    config = write_config(train_setup, run_dir, sections={"data": data})
     proc = run_cli(["run", str(config)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     g1 = run_dir / "g1"
@@ -324,6 +390,18 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
         for (name, p0), (_, p1) in zip(before[role], after[role]):
             assert torch.equal(p0, p1), name
     assert any(not torch.equal(p0, p1) for (_, p0), (_, p1) in zip(before["experts_round1"], after["experts_round1"]))
+
+    # the classifiers act from stage 2 on: stage 1 has no classifier figures, and every expert of the classifier
+    # layers (here all MoE layers) got tokens in stage 1
+    assert upcycled.config.classifiers_active is False and stage1.config.classifiers_active is False
+    assert stage2.config.classifiers_active is True
+    stats1 = json.loads((g1 / "train_stage1" / "routing_stats.json").read_text())
+    assert all(v["classifier_accuracy"] is None and v["dead_experts"] == 0 for s in stats1 for v in s["layers"].values())
+    assert "classifier acc" not in proc.stderr.split("stage 2")[0]
+    manifest1 = json.loads((g1 / "train_stage1" / "manifest.json").read_text())
+    assert manifest1["summary"]["trained_parameters"] == {
+        "experts_round1": sum(p.numel() for _, p in after["experts_round1"]),
+        "routers": sum(p.numel() for _, p in after["routers"])}
 
     # stage 2 trains routers + classifiers only
     s1_roles, s2_roles = dict(parameter_roles(stage1)), dict(parameter_roles(stage2))
@@ -355,15 +433,21 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     assert list(report["perplexity"]) == ["base", "g1/stage1", "g1"]
     assert report["perplexity"]["g1"]["el"] < report["perplexity"]["base"]["el"]
     assert set(report["forgetting_percent"]["g1"]) == {"en"}
+    assert set(report["ood_perplexity"]) == {"base", "g1/stage1", "g1"} and set(report["ood_perplexity"]["g1"]) == {"en"}
+    assert report["forgetting_by_round"]["g1"]["en"]["ood_percent"] == pytest.approx(
+        100 * (report["ood_perplexity"]["g1"]["en"] / report["ood_perplexity"]["base"]["en"] - 1))
+    kept, dropped = map(int, re.search(r"en out-of-domain text: (\d+) documents \((\d) dropped: they occur in the "
+                                       r"training text\)", proc.stderr).groups())
+    assert kept + dropped == 65 and dropped >= 1  # the training documents of the train split are dropped
     assert set(report["routing"]["g1"]) == {"en", "el", "hu"}
     assert report["experts"]["g1"]["new_experts"] == 3
     assert report["parameters"]["g1"] > report["parameters"]["base"]
     md = (g1 / "evaluate" / "report.md").read_text()
-    assert "| g1 |" in md and "perplexity.png" in md
+    assert "| g1 |" in md and "perplexity.png" in md and "en (out-of-domain)" in md
     assert (g1 / "evaluate" / "routing_g1.png").stat().st_size > 1000
     assert "Report:" in proc.stdout and "new experts in total" in proc.stdout
     compare = run_cli(["compare", str(run_dir)])
-    assert compare.returncode == 0 and "| run | g1 | g1 | 3 |" in compare.stdout
+    assert compare.returncode == 0 and "| run | g1 | g1 | 3 |" in compare.stdout and "old out-of-domain" in compare.stdout
 
 
 def state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -587,3 +671,41 @@ def test_a_corrupt_checkpoint_is_a_clear_error(train_setup, tmp_path):
     proc = run_cli(["train", str(config), "--stage", "1"])
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and "corrupt?" in proc.stderr
     assert "Traceback" not in proc.stderr and not stage_dir.exists()
+
+
+@pytest.mark.parametrize("expansion", ["dense_full", "dense_ffn", "lora"])
+def test_dense_baselines_train_the_dense_model(train_setup, tmp_path, expansion):
+    """The dense baselines skip analyze/allocate/upcycle, train the dense model's own weights (all, the FFNs, or
+    LoRA adapters merged at export) on CE, and export plain dense HF models; LoRA also runs stage 2 (the same
+    parameters) and the evaluation."""
+    run_dir = tmp_path / expansion
+    config = write_config(train_setup, run_dir, stage1=dict(steps=3), stage2=dict(steps=2, lr=0.003))
+    until = [] if expansion == "lora" else ["--until", "train_stage1"]
+    proc = run_cli(["run", str(config), f"expansion={expansion}", "train.lora.rank=4", *until])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    g1 = run_dir / "g1"
+    assert not (g1 / "analyze").exists() and not (g1 / "upcycle").exists()
+    assert "g1/upcycle: skipped (expansion" in proc.stderr
+    base, s1 = state(train_setup / "dense"), state(g1 / "train_stage1" / "model")
+    assert base.keys() == s1.keys()  # a plain dense model (LoRA merged)
+    assert json.loads((g1 / "train_stage1" / "model" / "config.json").read_text())["model_type"] == "llama"
+    changed = {k for k in base if not torch.equal(base[k], s1[k])}
+    if expansion == "dense_ffn":
+        assert changed == {k for k in base if ".mlp." in k}
+    elif expansion == "dense_full":
+        assert changed == set(base)
+    else:  # LoRA on every linear layer but the LM head: their weights moved, norms and embeddings did not
+        assert changed and all(k.endswith("proj.weight") for k in changed)
+    trained = json.loads((g1 / "train_stage1" / "manifest.json").read_text())["summary"]["trained_parameters"]
+    dense = load_causal_lm(train_setup / "dense")
+    expected = {"dense_full": sum(p.numel() for p in dense.parameters()),
+                "dense_ffn": sum(p.numel() for n, p in dense.named_parameters() if ".mlp." in n),
+                # rank 4 x (in + out) per adapted linear layer: q, k, v, o, gate, up, down of both layers
+                "lora": 4 * sum(m.in_features + m.out_features for n, m in dense.named_modules()
+                                if isinstance(m, torch.nn.Linear) and n != "lm_head")}[expansion]
+    assert trained == {expansion: expected}
+    if expansion == "lora":
+        s2 = state(g1 / "train_stage2" / "model")
+        assert s2.keys() == base.keys() and any(not torch.equal(s1[k], s2[k]) for k in s1)
+        report = json.loads((g1 / "evaluate" / "report.json").read_text())
+        assert list(report["perplexity"]) == ["base", "g1/stage1", "g1"] and not report["experts"]

@@ -16,6 +16,9 @@ class LayerMoEConfig(PretrainedConfig):
     * ``expert_rounds[i][e]``: the expansion round that added expert e of layer i (0 = original).
     * ``num_experts_per_tok``: top-k of the routers (clipped to a layer's expert count).
     * ``classifier_layers``: layers whose old/new classifier can send a token to expert 0 alone.
+    * ``classifiers_active``: whether those classifiers act. Upcycling and growth set it False (in stage 1 every
+      layer routes top-k over all experts, as in the authors' recipe); training stage 2 sets it True, and so
+      does every model it exports. (Checkpoints written before the flag existed load with True.)
     * ``pooling``: what the classifier sees; ``prefix`` (causal running mean of the valid tokens so far) or
       ``sequence`` (the reference: sum over the sequence in the current forward).
     * ``rounds``: ``[{"name", "languages"}]`` of every expansion round; ``original_languages``: the base model's.
@@ -26,11 +29,12 @@ class LayerMoEConfig(PretrainedConfig):
     def __init__(self, base_config: dict | None = None, experts_per_layer: list[int] | None = None,
                  expert_rounds: list[list[int]] | None = None, classifier_layers: list[int] | None = None,
                  num_experts_per_tok: int = 2, pooling: str = "prefix", rounds: list[dict] | None = None,
-                 original_languages: list[str] | None = None, **kwargs):
+                 original_languages: list[str] | None = None, classifiers_active: bool = True, **kwargs):
         self.base_config = dict(base_config or {})
         self.experts_per_layer = list(experts_per_layer or [])
         self.expert_rounds = [list(r) for r in (expert_rounds or [[0] * n for n in self.experts_per_layer])]
         self.classifier_layers = sorted(classifier_layers or [])
+        self.classifiers_active = bool(classifiers_active)
         self.num_experts_per_tok = num_experts_per_tok
         self.pooling = pooling
         self.rounds = list(rounds or [])

@@ -7,7 +7,8 @@ This file is copied into every saved checkpoint, so it imports nothing from the 
   Tokens are grouped by expert (one gather, one scatter-add) and each expert runs once on its contiguous slice.
 * In classifier layers a ``Linear(hidden, 2, bias=False)`` on pooled FFN inputs makes a hard old/new decision:
   "old" tokens go to expert 0 alone with weight exactly 1, "new" tokens are routed normally. Only the branch a
-  token needs is computed.
+  token needs is computed. The classifiers act only while ``config.classifiers_active`` is set (from training
+  stage 2 on); otherwise they are not evaluated and every layer routes top-k over all its experts.
 * Per-forward routing data (router logits, chosen experts, classifier logits and decisions) is kept in
   ``block.last_routing`` for losses and statistics; HF ``forward``/``generate`` are untouched.
 """
@@ -85,7 +86,8 @@ class LayerMoEBlock(nn.Module):
     """A decoder layer's FFN as a mixture of experts (see the module docstring)."""
 
     def __init__(self, original_ffn: nn.Module, num_experts: int, hidden_size: int, top_k: int = 2,
-                 classifier: bool = False, pooling: str = "prefix", context: RoutingContext | None = None):
+                 classifier: bool = False, pooling: str = "prefix", context: RoutingContext | None = None,
+                 classifier_active: bool = True):
         super().__init__()
         if num_experts < 2:
             raise ValueError(f"an MoE block needs >= 2 experts, got {num_experts}")
@@ -94,6 +96,7 @@ class LayerMoEBlock(nn.Module):
         self.experts = nn.ModuleList([original_ffn] + [copy.deepcopy(original_ffn) for _ in range(num_experts - 1)])
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.classifier = nn.Linear(hidden_size, 2, bias=False) if classifier else None
+        self.classifier_active = classifier_active  # False: the classifier is not evaluated, routing is plain top-k
         self.top_k = min(top_k, num_experts)
         self.pooling = pooling
         self.context = context or RoutingContext()
@@ -134,7 +137,7 @@ class LayerMoEBlock(nn.Module):
         valid = self.context.valid_mask(batch, seq, hidden_states.device)
         router_logits = self.router_logits(x)
         classifier_logits = to_original = None
-        if self.classifier is not None:
+        if self.classifier is not None and self.classifier_active:
             pooled = self.pooled_inputs(hidden_states, valid).reshape(-1, hidden)
             classifier_logits = F.linear(pooled, self.classifier.weight.float())
             to_original = classifier_logits.argmax(dim=-1) == OLD
@@ -176,9 +179,17 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         for i, layer in enumerate(layers):
             if config.experts_per_layer[i] > 1:
                 layer.mlp = LayerMoEBlock(layer.mlp, config.experts_per_layer[i], base_config.hidden_size, config.num_experts_per_tok,
-                                          i in config.classifier_layers, config.pooling, self.routing_context)
+                                          i in config.classifier_layers, config.pooling, self.routing_context,
+                                          config.classifiers_active)
         self.base.model.register_forward_pre_hook(self._set_routing_context, with_kwargs=True)
         self.post_init()
+
+    def set_classifiers_active(self, active: bool) -> None:
+        """Let the routing classifiers act (True, from training stage 2 on) or not (stage 1); saved in config.json."""
+        self.config.classifiers_active = active
+        for layer in self.base.model.layers:
+            if isinstance(layer.mlp, LayerMoEBlock):
+                layer.mlp.classifier_active = active
 
     def _set_routing_context(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed it to `cache`
