@@ -131,6 +131,8 @@ class TrainConfig:
 
     ds_config: str = "ds_configs/cpu_fp32.json"
     ep_size: int = 1
+    loss_chunk_tokens: int = 1024  # LM-head cross-entropy this many positions at a time (0: all logits at once)
+    activation_checkpointing: bool = False  # keep only each decoder layer's input; recompute the layer in backward
     alpha: float = 0.01  # stage 1 load-balance weight
     gamma: float = 0.1  # stage 2 LPR weight
     beta: float = 0.1  # stage 2 classifier weight
@@ -408,6 +410,7 @@ def validate(config: RunConfig) -> RunConfig:
              "counts must be >= 0")
     t = config.train
     _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
+    _require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0: no chunking)")
     for name in ("stage1", "stage2"):
         st: StageTrainConfig = getattr(t, name)
         for key in ("steps", "micro_batch_size", "gradient_accumulation", "tokens_per_language"):
