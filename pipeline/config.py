@@ -168,7 +168,7 @@ class EvaluateConfig:
 
 @dataclass
 class LaunchConfig:
-    """How ``layermoe run`` starts the stages that split work over ranks (analyze, training)."""
+    """How ``layermoe run`` starts the stages that split work over ranks (analyze, training, evaluate)."""
 
     processes_per_node: int = 1  # > 1: those stages run under the DeepSpeed launcher with this many processes
     require_gpus: bool = False  # refuse to start (Slurm preflight) on a node without GPUs

@@ -198,6 +198,9 @@ def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
     device = torch.device(pick_device(config.model.device))
     if device.type == "cpu":
         return_freed_memory_to_the_os()
+        if precision(ds) == "bf16":
+            log.warn(f"{config.train.ds_config}: bf16 on CPU is slow (it runs, and the tests check it, but "
+                     f"ds_configs/cpu_fp32.json trains faster here)")
     before = memory_in_use_gib(device)
     model, placements = _load_model(run, TRAINING_DTYPES[precision(ds)])
     resume.load_other_layout_weights(model)

@@ -1,9 +1,10 @@
 """The fused router kernel against the reference PyTorch path: forward outputs, gradients, ties, the classifier
 override, a whole MoE block.
 
-The kernel tests run on CPU in the Triton interpreter. Triton reads ``TRITON_INTERPRET`` when it is imported, so a
-normal session runs this module again in a fresh process with ``TRITON_INTERPRET=1``
-(``test_kernel_tests_pass_under_the_interpreter``) and skips the kernel tests itself.
+The kernel tests run natively on a CUDA GPU when there is one (``scripts/gpu_check.sh``), and on CPU in the Triton
+interpreter. Triton reads ``TRITON_INTERPRET`` when it is imported, so a normal session runs this module again in a
+fresh process with ``TRITON_INTERPRET=1`` (``test_kernel_tests_pass_under_the_interpreter``) and, without a GPU,
+skips the kernel tests itself.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pipeline.hf_modeling.router_kernel import BACKEND_ENV, route
 EXACT = ("indices", "router_indices", "counts", "offsets", "assign_counts")
 CLOSE = ("weights", "router_weights", "probs", "prob_sums")  # also the differentiable outputs
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in a TRITON_INTERPRET=1 process, see "
-                                      "test_kernel_tests_pass_under_the_interpreter")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")  # where kernels run
+runs_kernels = pytest.mark.skipif(not INTERPRETED and DEVICE.type != "cuda", reason="no GPU: runs in a "
+                                  "TRITON_INTERPRET=1 process, see test_kernel_tests_pass_under_the_interpreter")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def interpreter():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(BACKEND_ENV, "triton")
         try:
-            route(torch.randn(4, 3), 2)
+            route(torch.randn(4, 3, device=DEVICE), 2)
         except Exception as e:  # noqa: BLE001 - any failure here means "no interpreter", not a kernel bug
             pytest.skip(f"triton cannot run in interpreter mode here: {type(e).__name__}: {e}")
 
@@ -59,7 +61,7 @@ def logits_with_ties(n: int, e: int, dtype: torch.dtype, seed: int) -> torch.Ten
     logits = 2 * torch.randn(n, e, generator=g)
     logits[n // 2:] = torch.randint(0, 3, (n - n // 2, e), generator=g).float()
     logits[0] = 1.0
-    return logits.to(dtype)
+    return logits.to(DEVICE, dtype)
 
 
 def run(backend: str, logits: torch.Tensor, k: int, gate, valid, monkeypatch):
@@ -68,12 +70,13 @@ def run(backend: str, logits: torch.Tensor, k: int, gate, valid, monkeypatch):
     z = logits.clone().requires_grad_(True)
     result = route(z, k, gate, valid)
     g = torch.Generator().manual_seed(123)
-    loss = sum((getattr(result, f) * torch.randn(getattr(result, f).shape, generator=g)).sum() for f in CLOSE)
+    loss = sum((getattr(result, f) * torch.randn(getattr(result, f).shape, generator=g).to(DEVICE)).sum()
+               for f in CLOSE)
     loss.backward()
     return result, z.grad
 
 
-@interpreted_only
+@runs_kernels
 @pytest.mark.parametrize("experts, k", [(2, 1), (2, 2), (3, 1), (3, 2), (5, 1), (5, 2), (6, 2), (7, 1), (7, 2),
                                         (64, 1), (64, 2), (5, 4), (7, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -82,8 +85,8 @@ def test_kernel_matches_reference(interpreter, monkeypatch, experts, k, dtype, g
     n = 150  # not a multiple of the block
     logits = logits_with_ties(n, experts, dtype, seed=experts * 10 + k)
     g = torch.Generator().manual_seed(1)
-    gate = torch.rand(n, generator=g) < 0.3 if gated else None
-    valid = torch.rand(n, generator=g) < 0.8 if gated else None
+    gate = (torch.rand(n, generator=g) < 0.3).to(DEVICE) if gated else None
+    valid = (torch.rand(n, generator=g) < 0.8).to(DEVICE) if gated else None
     expected, expected_grad = run("torch", logits, k, gate, valid, monkeypatch)
     got, got_grad = run("triton", logits, k, gate, valid, monkeypatch)
     for field in EXACT:
@@ -94,13 +97,14 @@ def test_kernel_matches_reference(interpreter, monkeypatch, experts, k, dtype, g
     torch.testing.assert_close(got_grad, expected_grad, **({} if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)))
 
 
-@interpreted_only
+@runs_kernels
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_ties_pick_the_lowest_index_and_gated_rows_follow_the_convention(interpreter, monkeypatch, backend):
     monkeypatch.setenv(BACKEND_ENV, backend)
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 2.0, 2.0], [5.0, 5.0, 1.0, 5.0], [0.0, 3.0, 1.0, 3.0]])
-    gate = torch.tensor([False, False, False, True])
-    valid = torch.tensor([True, True, False, True])
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 2.0, 2.0], [5.0, 5.0, 1.0, 5.0], [0.0, 3.0, 1.0, 3.0]],
+                          device=DEVICE)
+    gate = torch.tensor([False, False, False, True], device=DEVICE)
+    valid = torch.tensor([True, True, False, True], device=DEVICE)
     r = route(logits, 2, gate, valid)
     assert r.router_indices.tolist() == [[0, 1], [1, 2], [0, 1], [1, 3]]
     assert r.indices.tolist() == [[0, 1], [1, 2], [0, 1], [0, 4]]  # gated: expert 0, then an inactive slot (E)
@@ -110,19 +114,19 @@ def test_ties_pick_the_lowest_index_and_gated_rows_follow_the_convention(interpr
     torch.testing.assert_close(r.prob_sums, r.probs[:2].sum(0))
 
 
-@interpreted_only
+@runs_kernels
 def test_block_output_and_gradients_agree_between_backends(interpreter, monkeypatch):
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(tiny_config("llama", layers=1))
     context = RoutingContext()
-    block = LayerMoEBlock(dense.model.layers[0].mlp, 5, 32, 2, classifier=True, context=context)
+    block = LayerMoEBlock(dense.model.layers[0].mlp, 5, 32, 2, classifier=True, context=context).to(DEVICE)
     with torch.no_grad():
         for expert in list(block.experts)[1:]:
             for p in expert.parameters():
                 p.add_(0.2 * torch.randn_like(p))
         block.classifier.weight.normal_()
-    x = torch.randn(3, 11, 32)
-    context.attention_mask = torch.ones(3, 11, dtype=torch.long)
+    x = torch.randn(3, 11, 32).to(DEVICE)
+    context.attention_mask = torch.ones(3, 11, dtype=torch.long, device=DEVICE)
     outputs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv(BACKEND_ENV, backend)
