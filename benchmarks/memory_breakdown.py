@@ -132,7 +132,7 @@ def main() -> None:
         run = train.TrainingRun(config, round_index, args.stage, model_in, Path(checkpoints), train.Layout(
             config.train.ep_size, 1))
         resume = ResumePoint(Path(checkpoints), run.layout)
-        load_model, build_data, initialize = train._load_model, train.build_stage_data, train.deepspeed.initialize
+        load_model, build_data, initialize = train._load_model, train.stage_data, train.deepspeed.initialize
 
         def metered(name, fn):
             def wrapper(*a, **k):
@@ -141,12 +141,12 @@ def main() -> None:
             return wrapper
 
         train._load_model = metered("load the model", load_model)
-        train.build_stage_data = metered("build the data", build_data)
+        train.stage_data = metered("build the data", build_data)
         train.deepspeed.initialize = metered("deepspeed.initialize", initialize)
         try:
             trainer = train.build_engine(run, resume)
         finally:
-            train._load_model, train.build_stage_data, train.deepspeed.initialize = load_model, build_data, initialize
+            train._load_model, train.stage_data, train.deepspeed.initialize = load_model, build_data, initialize
         engine, model = trainer.engine, trainer.engine.module
         params = list(model.parameters())
         frozen = unique_bytes(p for p in params if not p.requires_grad)

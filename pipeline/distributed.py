@@ -61,13 +61,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` in a single process)."""
-    if current().world_size == 1:
-        return [obj]
-    gathered: list[Any] = [None] * current().world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
+def broadcast_from_main(obj):
+    """``obj`` as rank 0 has it, on every rank (``obj`` itself in a single process); a picklable object."""
+    if current().world_size > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process); a picklable object. Also a barrier."""
+    if current().world_size > 1:
+        gathered = [None] * current().world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
 
 
 MAIN_ONLY_TIMEOUT = timedelta(hours=12)
