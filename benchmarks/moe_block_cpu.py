@@ -45,6 +45,7 @@ class Shape:
 SHAPES = {
     "smollm2": Shape(576, 1536, (2, 3, 5), 4, 256),  # SmolLM2-135M
     "qwen1.5-1.8b": Shape(2048, 5504, (6,), 1, 256),  # MoE-LPR's base model, 6 experts per layer
+    "tiny": Shape(64, 256, (3,), 2, 64),  # a plumbing check (scripts/gpu_check.sh with GPU_CHECK_CPU=1), not a measurement
 }
 TOP_K = 2
 ROW = "{:13} {:>2} {:>6}  {:26} {:>8} {:>8} {:>8} {:>8} {:>10}"
@@ -149,7 +150,7 @@ def timed(methods: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]], x: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2", "qwen1.5-1.8b"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (after a warm-up run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--routing", choices=["balanced", "skewed"], default="balanced",

@@ -65,6 +65,8 @@ def load_causal_lm(path: Path, dtype: str = "float32", device: str = "cpu") -> t
         if config["model_type"] == "layermoe":  # our own classes: no remote code involved
             model = LayerMoEForCausalLM.from_pretrained(str(path), config=LayerMoEConfig.from_pretrained(str(path)),
                                                         dtype=getattr(torch, dtype), local_files_only=True)
+            for parameter in model.parameters():  # from_pretrained leaves the wrapped base model's in the file's dtype
+                parameter.data = parameter.data.to(getattr(torch, dtype))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
     except Exception as e:  # corrupt or mismatched checkpoints raise many types (SafetensorError, OSError, ...)

@@ -11,6 +11,8 @@ from pathlib import Path
 from pipeline import log
 from pipeline.allocate import allocate_from_similarity_file
 from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
+from pipeline.capacity import (DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Hardware, format_capacity, model_config_path,
+                               parse_bytes, plan_config)
 from pipeline.config import AllocateConfig, default_cache_dir, load_config, to_dict, validate_allocate
 from pipeline.default_model import ensure_default_model
 from pipeline.distributed import distributed_from_env
@@ -105,6 +107,11 @@ def _show_config(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    if args.config_file or args.config_opt:
+        _capacity(args)
+        return
+    if not args.model:
+        raise LayerMoEError("plan needs a CONFIG (capacity plan) or --model DIR (parameter counts)")
     model_config = load_model_config(Path(args.model))
     layers = model_config["num_hidden_layers"]
     if args.allocation:
@@ -135,6 +142,16 @@ def _add_standalone_allocate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-layers", type=int, nargs="+", metavar="I", help="classifier layers, instead of --classifier-count")
     g.add_argument("--aggregation", default="nn_no_mean", choices=["nn_no_mean", "new_new", "new_old", "all_pairs"])
     g.add_argument("--output", metavar="DIR", help="where allocation.json and allocation.png go")
+
+
+def _capacity(args: argparse.Namespace) -> None:
+    config = _load(args)
+    path = model_config_path(config, args.model)
+    hardware = Hardware(args.gpus_per_node, args.nodes, parse_bytes(args.gpu_memory), args.gpu_tflops * 1e12, args.mfu,
+                        "cpu" if args.cpu else "gpu")
+    if min(hardware.gpus_per_node, hardware.nodes) < 1 or not 0 < hardware.mfu <= 1 or hardware.peak_flops <= 0:
+        raise LayerMoEError("--gpus-per-node and --nodes must be >= 1, --mfu in (0, 1], --gpu-tflops positive")
+    print(format_capacity(config, str(path), plan_config(config, load_model_config(path), hardware), hardware))
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -197,12 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's training checkpoints")
     p.set_defaults(func=_baselines)
 
-    p = sub.add_parser("plan", help="total / activated parameters of an expansion, without loading weights")
-    p.add_argument("--model", required=True, help="model directory or its config.json")
-    p.add_argument("--allocation", help="allocation.json")
-    p.add_argument("--experts", type=int, help="uniform: total experts per layer (instead of --allocation)")
+    p = sub.add_parser("plan", help="CONFIG: memory per GPU and time of every training stage; --model: parameters "
+                                    "of an expansion (no weights loaded either way)")
+    _add_config_args(p)
+    p.add_argument("--model", help="model directory or its config.json (with CONFIG: instead of model.path)")
+    p.add_argument("--allocation", help="allocation.json (without CONFIG)")
+    p.add_argument("--experts", type=int, help="uniform: total experts per layer (without CONFIG, instead of --allocation)")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 40GB")
+    p.add_argument("--gpu-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help=f"peak TFLOP/s of one GPU in the training precision (default {DEFAULT_PEAK_TFLOPS:g}: A100 "
+                        f"bf16 dense; H100 SXM: 989)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"model FLOPs utilisation (default {DEFAULT_MFU})")
+    p.add_argument("--cpu", action="store_true", help="predict the host memory of CPU processes instead (validation)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("show-config", help="print the fully resolved config (dry run)")

@@ -149,6 +149,8 @@ class TrainConfig:
 
     ds_config: str = "ds_configs/cpu_fp32.json"
     ep_size: int = 1
+    loss_chunk_tokens: int = 1024  # LM-head cross-entropy this many positions at a time (0: all logits at once)
+    activation_checkpointing: bool = False  # keep only each decoder layer's input; recompute the layer in backward
     alpha: float = 0.01  # stage 1 load-balance weight
     gamma: float = 0.1  # stage 2 LPR weight
     beta: float = 0.1  # stage 2 classifier weight
@@ -190,7 +192,7 @@ class EvaluateConfig:
 
 @dataclass
 class LaunchConfig:
-    """How ``layermoe run`` starts the stages that split work over ranks (tokenize, analyze, training)."""
+    """How ``layermoe run`` starts the stages that split work over ranks (tokenize, analyze, training, evaluate)."""
 
     processes_per_node: int = 1  # > 1: those stages run under the DeepSpeed launcher with this many processes
     require_gpus: bool = False  # refuse to start (Slurm preflight) on a node without GPUs
@@ -459,6 +461,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require(t.lora.rank >= 1, "train.lora.rank", "must be >= 1")
     _require(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
     _require(bool(t.lora.target_modules), "train.lora.target_modules", "must name at least one module")
+    _require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0: no chunking)")
     for name in ("stage1", "stage2"):
         st: StageTrainConfig = getattr(t, name)
         for key in ("steps", "micro_batch_size", "gradient_accumulation", "tokens_per_language"):

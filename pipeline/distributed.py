@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -76,3 +77,21 @@ def all_gather_objects(obj) -> list:
         dist.all_gather_object(gathered, obj)
         return gathered
     return [obj]
+
+
+MAIN_ONLY_TIMEOUT = timedelta(hours=12)
+
+
+def run_on_main(work: Callable[[], Any], others: Any) -> Any:
+    """``work()`` on rank 0 while the other ranks wait and return ``others``. The waiting is a barrier of a gloo
+    group with a long timeout (``MAIN_ONLY_TIMEOUT``), so that long single-rank work (e.g. harness tasks) does not
+    trip the default collective timeout (10 minutes under NCCL)."""
+    if current().world_size == 1:
+        return work()
+    group = dist.new_group(backend="gloo", timeout=MAIN_ONLY_TIMEOUT)
+    try:
+        result = work() if current().is_main else others
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+    return result

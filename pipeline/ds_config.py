@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from pipeline import log
 from pipeline.atomic import read_json
 from pipeline.config import StageTrainConfig
 
@@ -31,8 +28,6 @@ def deepspeed_config(path: str, settings: StageTrainConfig, clipping: float) -> 
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.pop("train_batch_size", None)
-    if not torch.cuda.is_available() and precision(ds) == "bf16":
-        log.warn(f"{path}: bf16 on CPU is slow and not what the tests cover; consider ds_configs/cpu_fp32.json")
     return ds
 
 

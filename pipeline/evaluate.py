@@ -6,6 +6,10 @@ models share the base tokenizer), so perplexities are directly comparable. Group
 base model's languages, new = every language added by an expansion round. Languages with out-of-domain text
 (``data.ood_sources``, the built-in debian-reference manual for the old languages) are also scored on it: text from
 a domain no training data uses, so forgetting cannot hide behind the domain the new experts learn.
+
+Models run on ``model.device`` in ``model.dtype``. Started in several processes (torchrun, deepspeed, srun), the
+ranks score disjoint blocks and translate disjoint sentences, and the sums are all-reduced, so every number is
+the one a single process computes; lm-evaluation-harness tasks run on rank 0 alone, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ import torch
 
 from pipeline import distributed, log
 from pipeline.atomic import write_json
-from pipeline.base_model import load_causal_lm, read_model_config
+from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import RunConfig
 from pipeline.corpus import builtin_corpus, ood_documents, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, RoundLanguages,
                                   TranslationExample, TranslationScore)
-from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
-from pipeline.losses import next_token_loss
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, decoder_of, moe_blocks, output_logits
+from pipeline.losses import HiddenStates, next_token_loss_sum
 from pipeline.manifest import hash_path
 from pipeline.packing import load_tokenizer, needs_separator
 from pipeline.plan import load_model_config, plan
@@ -110,21 +114,34 @@ def ood_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, 
 
 
 @torch.no_grad()
-def score_language(model: torch.nn.Module, ids: torch.Tensor, is_original: bool, batch_size: int) -> LanguageScore:
-    """Perplexity of ``model`` on the blocks ``ids`` and, for an expanded model, its routing statistics."""
-    total, count = 0.0, 0
-    stats = RoutingStats()
+def score_blocks(model: torch.nn.Module, blocks: torch.Tensor, is_original: bool, batch_size: int,
+                 chunk_tokens: int = 1024) -> LanguageScore:
+    """Perplexity of ``model`` on ``blocks`` (token ids ``[n, length]``, wherever they come from) and, for an
+    expanded model, its routing statistics. The LM head is applied ``chunk_tokens`` positions at a time.
+
+    Under torch.distributed every rank calls this with the same blocks and scores ``blocks[rank::world_size]``;
+    the loss sums, token counts and routing counts are all-reduced, so every rank returns the single-process
+    result (up to the order of floating-point sums)."""
+    dist = distributed.current()
+    device = next(model.parameters()).device
     expanded = isinstance(model, LayerMoEForCausalLM)
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start:start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits
-        n = batch.shape[0] * (batch.shape[1] - 1)
-        total += next_token_loss(logits, batch).item() * n
-        count += n
+    stats = RoutingStats()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, scored positions
+    mine = blocks[dist.rank::dist.world_size]
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size].to(device)
+        hidden = decoder_of(model)(input_ids=batch, use_cache=False).last_hidden_state
+        total, count = next_token_loss_sum(HiddenStates(hidden, functools.partial(output_logits, model), chunk_tokens),
+                                           batch)
+        sums += torch.stack([total.double(), count.double()])
         if expanded:
             records = {i: b.last_routing for i, b in moe_blocks(model).items()}
-            stats.add(records, torch.full((batch.numel(),), is_original))
-    return LanguageScore(math.exp(total / count), count, stats.summary() if expanded else None)
+            stats.add(records, torch.full((batch.numel(),), is_original, device=device))
+    distributed.all_reduce_sum(sums)
+    if expanded:
+        stats.all_reduce({i: b.num_experts for i, b in moe_blocks(model).items()}, device)
+    loss_sum, count = sums.tolist()
+    return LanguageScore(math.exp(loss_sum / count), int(count), stats.summary() if expanded else None)
 
 
 class ResultCache:
@@ -171,17 +188,22 @@ def translation_pairs(config: RunConfig, target: str, count: int, shots: int) ->
 @torch.no_grad()
 def translate_chrf(model: torch.nn.Module, tokenizer, examples: list[tuple[str, str]], tests: list[tuple[str, str]],
                    target_name: str, max_new_tokens: int) -> TranslationScore:
-    """Few-shot English -> target greedy translation, scored with corpus chrF (sacrebleu)."""
+    """Few-shot English -> target greedy translation, scored with corpus chrF (sacrebleu). Under torch.distributed
+    every rank calls this, translates ``tests[rank::world_size]``, and gets the score of all of them."""
     import sacrebleu
 
+    dist = distributed.current()
+    device = next(model.parameters()).device
     prefix = "".join(f"English: {s}\n{target_name}: {t}\n\n" for s, t in examples)
-    hypotheses = []
-    for source, _ in tests:
-        ids = tokenizer(f"{prefix}English: {source}\n{target_name}:", return_tensors="pt")["input_ids"]
+    mine = []
+    for source, _ in tests[dist.rank::dist.world_size]:
+        ids = tokenizer(f"{prefix}English: {source}\n{target_name}:", return_tensors="pt")["input_ids"].to(device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        hypotheses.append(text.split("\n")[0].strip())
+        mine.append(text.split("\n")[0].strip())
+    by_rank = distributed.all_gather_objects(mine)  # rank r translated tests r, r + world, ...
+    hypotheses = [by_rank[i % dist.world_size][i // dist.world_size] for i in range(len(tests))]
     score = sacrebleu.corpus_chrf(hypotheses, [[ref for _, ref in tests]]).score
     samples = [TranslationExample(source, reference, hypothesis)
                for (source, reference), hypothesis in list(zip(tests, hypotheses))[:3]]
@@ -262,7 +284,8 @@ class _Scoring:
 def _evaluate_model(scoring: _Scoring, m: EvalModel, translate: bool) -> ModelResults:
     """Perplexity and routing on every language, translation if asked, harness tasks, parameter count of one
     model; it is loaded only if some result is not in the cache."""
-    model = functools.cache(functools.partial(load_causal_lm, m.path))
+    model = functools.cache(functools.partial(load_causal_lm, m.path, scoring.config.model.dtype,
+                                              pick_device(scoring.config.model.device)))
     perplexity, routing, ood_perplexity = {}, {}, {}
     for lang in scoring.languages.all:
         score = _language_score(scoring, model, m, lang)
@@ -279,7 +302,8 @@ def _evaluate_model(scoring: _Scoring, m: EvalModel, translate: bool) -> ModelRe
                            sum(n - 1 for n in model_config["experts_per_layer"])) if routing else None
     translation = (_translations(scoring, model, m) if translate and scoring.settings.translation_sentences > 0
                    else None)
-    harness = run_harness(m.path, scoring.settings.harness_tasks)
+    tasks = scoring.settings.harness_tasks
+    harness = distributed.run_on_main(functools.partial(run_harness, m.path, tasks), {}) if tasks else {}
     return ModelResults(perplexity, ood_perplexity, harness, parameter_count(m.path), routing or None, experts,
                         translation)
 
@@ -292,7 +316,7 @@ def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: 
     if cached is not None:
         return LanguageScore.from_json(cached)
     blocks = scoring.ood_blocks[lang] if ood else scoring.blocks[lang]
-    score = score_language(model(), blocks, lang in scoring.languages.old, scoring.settings.batch_size)
+    score = score_blocks(model(), blocks, lang in scoring.languages.old, scoring.settings.batch_size)
     scoring.cache.put(key, score.to_json())
     return score
 

@@ -9,6 +9,9 @@
   Differentiable with respect to the input, the routing weights and the owners' expert parameters.
 * ``shard_model`` / ``shard_block``: keep only this rank's experts and dispatch through the above;
   ``owned_expert_state`` and ``unshard_model`` take the pieces apart and put the whole model back together.
+* ``load_sharded_model``: the same sharded model straight from an exported HF directory, each rank reading only
+  the shared tensors and its own experts (peak host memory per rank: the shared part plus 1/ep_size of the
+  new experts, instead of the whole model).
 * ``expert_parallel_group``, ``mark_expert_parameters``: the DeepSpeed side (groups; expert gradients reduced
   over the expert-data-parallel group instead of the whole data-parallel group).
 
@@ -30,14 +33,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import init_empty_weights
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
+from safetensors import safe_open
 from torch import nn
+from transformers.initialization import no_init_weights
 
-from .hf_modeling.modeling_layermoe import LayerMoEBlock, moe_blocks
+from .hf_modeling.configuration_layermoe import LayerMoEConfig
+from .hf_modeling.modeling_layermoe import LayerMoEBlock, LayerMoEForCausalLM, moe_blocks
 from .hf_modeling.router_kernel import RouteResult
 from .upcycle import is_new_expert_parameter
 
@@ -242,6 +250,33 @@ def shard_model(model: nn.Module, group: dist.ProcessGroup) -> dict[int, ExpertP
     for i, block in blocks.items():
         shard_block(block, placements[i], group)
     return placements
+
+
+def load_sharded_model(path: Path, dtype: torch.dtype, device: str,
+                       group: dist.ProcessGroup) -> tuple[LayerMoEForCausalLM, dict[int, ExpertPlacement]]:
+    """An exported LayerMoE model, already sharded over ``group`` (what ``load_causal_lm`` then ``shard_model``
+    give, bit for bit), without ever holding the other ranks' experts: the model is built with its parameters
+    on the meta device (buffers such as rotary tables are computed as usual), sharded, and then only the
+    tensors it still has are read from the safetensors files, one at a time. In eval mode, like ``load_causal_lm``.
+
+    Every rank of ``group`` calls this. Raises ``ValueError`` when a tensor the model needs is in no file."""
+    config = LayerMoEConfig.from_pretrained(str(path))
+    with init_empty_weights(), no_init_weights():
+        model = LayerMoEForCausalLM(config)
+    placements = shard_model(model, group)
+    wanted = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in wanted.intersection(f.keys()):
+                tensor = f.get_tensor(name)
+                state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # tied heads are not in the files: tie them to the loaded embeddings
+    missing = sorted(name for name, p in model.state_dict(keep_vars=True).items() if p.is_meta)
+    if missing:
+        raise ValueError(f"{path}: no weights for {missing[0]} (and {len(missing) - 1} more)")
+    return model.to(device).eval(), placements
 
 
 def owned_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:

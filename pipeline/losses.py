@@ -17,25 +17,74 @@ Shapes: every routing record is over the flattened ``batch * seq`` tokens of one
   classifier layers of: the mean over valid tokens, each with its own label (``token``), or the mean over
   sequences of the mean over the sequence's valid tokens, all labelled by the sequence's first valid token
   (``sequence``).
+
+The next-token cross-entropy takes either full logits or :class:`HiddenStates` (the decoder's output and the
+LM head): then the head is applied ``chunk_tokens`` positions at a time, each chunk recomputed in the backward
+(``torch.utils.checkpoint``), so the fp32 logits of a whole micro-batch (``batch x seq x vocab``: 2.5 GB for
+Qwen1.5's 151,936-token vocabulary at 4 x 1024 tokens) never exist at once. Same loss and gradients.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import TrainConfig, TrainingStage
 from pipeline.hf_modeling.modeling_layermoe import NEW, OLD, RoutingRecord
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) over positions whose target is valid."""
-    targets = input_ids[:, 1:]
-    mask = torch.ones_like(targets, dtype=torch.bool) if valid is None else valid[:, 1:].bool()
-    losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (losses * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+@dataclass
+class HiddenStates:
+    """The decoder's last hidden states ``[batch, seq, h]`` and the function that turns rows of them into logits
+    (``[n, h] -> [n, vocab]``, e.g. ``output_logits``): the cross-entropy is then computed ``chunk_tokens``
+    positions at a time (0: all at once)."""
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+    chunk_tokens: int = 1024
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of fp32 cross-entropies of logits ``[n, vocab]`` against ``targets [n]`` where ``mask [n]`` is true."""
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * mask).sum()
+
+
+def _chunk_cross_entropy_sum(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, targets: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    return _cross_entropy_sum(head(rows), targets, mask)
+
+
+def next_token_loss_sum(prediction: torch.Tensor | HiddenStates, input_ids: torch.Tensor,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the next-token cross-entropies (fp32) over positions whose target is valid, and their number.
+
+    ``prediction``: logits ``[batch, seq, vocab]``, or :class:`HiddenStates` (chunked, see the module docstring)."""
+    targets = input_ids[:, 1:].reshape(-1)
+    mask = (torch.ones_like(targets, dtype=torch.bool) if valid is None else valid[:, 1:].reshape(-1).bool())
+    if not isinstance(prediction, HiddenStates):
+        return _cross_entropy_sum(prediction[:, :-1].reshape(len(targets), -1), targets, mask), mask.sum()
+    rows = prediction.hidden[:, :-1].reshape(len(targets), -1)
+    step = prediction.chunk_tokens or max(len(targets), 1)
+    total = rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), step):
+        chunk = (prediction.head, rows[start:start + step], targets[start:start + step], mask[start:start + step])
+        if torch.is_grad_enabled():  # keep only the chunk's input; its logits are recomputed in the backward
+            total = total + checkpoint(_chunk_cross_entropy_sum, *chunk, use_reentrant=False)
+        else:
+            total = total + _chunk_cross_entropy_sum(*chunk)
+    return total, mask.sum()
+
+
+def next_token_loss(prediction: torch.Tensor | HiddenStates, input_ids: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over positions whose target is valid; ``prediction`` is logits or
+    :class:`HiddenStates`."""
+    total, count = next_token_loss_sum(prediction, input_ids, valid)
+    return total / count.clamp(min=1)
 
 
 def load_balance(record: RoutingRecord, form: str = "reference") -> torch.Tensor:
@@ -116,13 +165,13 @@ class LossParts:
         return {k: float(v.detach()) for k, v in vars(self).items() if v is not None}
 
 
-def stage_loss(training_stage: TrainingStage, logits: torch.Tensor, input_ids: torch.Tensor,
+def stage_loss(training_stage: TrainingStage, logits: torch.Tensor | HiddenStates, input_ids: torch.Tensor,
                records: dict[int, RoutingRecord], original: torch.Tensor, train: TrainConfig) -> LossParts:
     """Stage 1: CE + alpha * balance. Stage 2: CE + gamma * LPR + beta * classifier CE. A dense model (no
     routing records) trains on CE alone in both stages.
 
-    ``original`` is ``[batch, seq]`` bool: the token belongs to an original (base-model) language; the forms and
-    weights come from ``train`` (``TrainConfig``)."""
+    ``logits``: full logits or :class:`HiddenStates` (chunked CE); ``original`` is ``[batch, seq]`` bool: the token
+    belongs to an original (base-model) language; the forms and weights come from ``train`` (``TrainConfig``)."""
     ce = next_token_loss(logits, input_ids)
     if not records:
         return LossParts(ce, ce)

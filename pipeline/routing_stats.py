@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline import distributed
 from pipeline.hf_modeling.modeling_layermoe import OLD, RoutingRecord
 
 
@@ -59,6 +60,19 @@ class RoutingStats:
             mask = valid & original
             counts.original_tokens += int(mask.sum())
             counts.original_top1_is_0 += int((top1[mask] == 0).sum())
+
+    def all_reduce(self, layers: dict[int, int], device: torch.device) -> None:
+        """Sum every rank's counts (a collective: every rank calls it with the same ``layers``, MoE layer index ->
+        expert count, also a rank that saw no token); ``device``: where the collective runs (the model's device)."""
+        counts = [self.layers.setdefault(i, LayerCounts(torch.zeros(experts, dtype=torch.long)))
+                  for i, experts in sorted(layers.items())]
+        flat = torch.cat([torch.cat([c.load, torch.tensor([c.original_tokens, c.original_top1_is_0, c.classified,
+                                                            c.classified_correct])]) for c in counts]).to(device)
+        flat = distributed.all_reduce_sum(flat).cpu()
+        for c in counts:
+            n = len(c.load)
+            c.load, rest, flat = flat[:n].clone(), flat[n:n + 4].tolist(), flat[n + 4:]
+            c.original_tokens, c.original_top1_is_0, c.classified, c.classified_correct = rest
 
     def summary(self) -> dict[int, LayerRouting]:
         """Each MoE layer's statistics since this object was made, by layer index."""

@@ -394,7 +394,8 @@ def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, s
     if out is not None and (checkpoints / "routing_stats.json").exists():
         shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
-            "peak_memory_gib": result.peak_memory_gib, "trained_parameters": result.trained_parameters}
+            "peak_memory_gib": result.peak_memory_gib, "memory_before_model_gib": result.memory_before_model_gib,
+            "trained_parameters": result.trained_parameters}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ STAGES: tuple[Stage, ...] = (
           ("train.py", "--stage", "1")),
     Stage("train_stage2", run_train_stage2, True, "train routers + classifiers on new + replay text (DeepSpeed)",
           ("train.py", "--stage", "2")),
-    Stage("evaluate", run_evaluate, False, "perplexity, forgetting, routing, translation -> report.json / report.md",
+    Stage("evaluate", run_evaluate, True, "perplexity, forgetting, routing, translation -> report.json / report.md",
           ("evaluate.py",)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)

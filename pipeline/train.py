@@ -20,9 +20,9 @@ one :func:`train_step` per optimizer step, checkpoints, export.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -31,20 +31,22 @@ from pathlib import Path
 import deepspeed
 import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from safetensors import SafetensorError
 
 from pipeline import distributed, log
 from pipeline.atomic import write_json
-from pipeline.base_model import load_causal_lm, pick_device
+from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import RunConfig, StageTrainConfig, TrainingStage, to_dict
 from pipeline.dense_expansion import merged_model, prepare_dense_model
 from pipeline.distributed import DistInfo
-from pipeline.ds_config import deepspeed_config
+from pipeline.ds_config import deepspeed_config, precision
 from pipeline.errors import LayerMoEError
 from pipeline.export import export_model
-from pipeline.expert_parallel import (ExpertPlacement, expert_parallel_group, mark_expert_parameters, shard_model,
-                                      unshard_model)
-from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, RoutingRecord, moe_blocks
-from pipeline.losses import LossParts, stage_loss
+from pipeline.expert_parallel import (ExpertPlacement, expert_parallel_group, load_sharded_model,
+                                      mark_expert_parameters, unshard_model)
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, RoutingRecord, moe_blocks, output_logits
+from pipeline.losses import HiddenStates, LossParts, stage_loss
+from pipeline.memory import memory_in_use_gib, peak_memory_gib, return_freed_memory_to_the_os
 from pipeline.ranks import LOOPBACK, discover_ranks, free_port, use_local_device
 from pipeline.routing_stats import LayerRouting, RoutingStats, routing_to_json
 from pipeline.run_dir import stores_file
@@ -82,9 +84,14 @@ def init_deepspeed_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+TRAINING_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # by DeepSpeed precision
+
+
 def describe_settings(config: RunConfig, training_stage: TrainingStage) -> dict:
     """The config slice a training stage depends on (for its manifest)."""
-    excluded = ("stage1", "stage2", "ep_size")  # ep_size: a layout choice, checkpoints move between layouts
+    # layout and memory choices, not settings of the result: checkpoints move between layouts, and chunking the
+    # loss or recomputing activations changes only the order of floating-point sums
+    excluded = ("stage1", "stage2", "ep_size", "loss_chunk_tokens", "activation_checkpointing")
     return {"train": {k: v for k, v in to_dict(config.train).items() if k not in excluded},
             "stage": to_dict(config.train.for_stage(training_stage)), "seed": config.seed,
             "expansion": config.expansion}
@@ -120,6 +127,7 @@ class Trainer:
     data: StageMix
     trainable: list[str]
     trained_parameters: dict[str, int]  # trainable parameters by role (e.g. experts_round1, routers; dense_full)
+    memory_before_model_gib: float  # in use before the model was loaded (see ``pipeline.memory``)
 
     @property
     def device(self) -> torch.device:
@@ -143,6 +151,7 @@ class StageResult:
     routing: dict[int, LayerRouting]  # the last interval's statistics, by MoE layer
     peak_memory_gib: float
     trained_parameters: dict[str, int]  # by role
+    memory_before_model_gib: float  # in use when the stage started to load its model (the peak's baseline)
 
 
 def train_stage(config: RunConfig, round_index: int, training_stage: TrainingStage, model_in: Path,
@@ -170,9 +179,10 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
     save_final_checkpoint_and_export(run, trainer, export_dir)
     peak = peak_memory_gib(trainer.device)
     log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
-             f"{peak:.2f} GiB ({'GPU allocated' if trainer.device.type == 'cuda' else 'process RSS'})")
+             f"{peak:.2f} GiB ({'GPU allocated' if trainer.device.type == 'cuda' else 'process RSS'}; "
+             f"{trainer.memory_before_model_gib:.2f} GiB before the model was loaded)")
     return StageResult(run.settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak,
-                       trainer.trained_parameters)
+                       trainer.trained_parameters, trainer.memory_before_model_gib)
 
 
 def _layout(config: RunConfig, dist: DistInfo) -> Layout:
@@ -189,23 +199,31 @@ def _layout(config: RunConfig, dist: DistInfo) -> Layout:
 
 
 def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
-    """Load the model (and, from a checkpoint of another layout, its weights), shard the experts over the
-    expert-parallel group, choose what trains, group the optimizer's parameters, build the data (:func:`stage_data`)
-    and the DeepSpeed engine. Every rank calls this."""
+    """Build the data (:func:`stage_data`); load the model in the precision DeepSpeed trains in (and, from a
+    checkpoint of another layout, its weights), with expert parallelism only this rank's experts; choose what
+    trains, group the optimizer's parameters, build the DeepSpeed engine. Every rank calls this."""
     config, settings = run.config, run.settings
     torch.manual_seed(config.seed)
-    model = load_causal_lm(run.model_in, "float32", pick_device(config.model.device))
+    ds = deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping)
+    data = stage_data(run)
+    device = torch.device(pick_device(config.model.device))
+    if device.type == "cpu":
+        return_freed_memory_to_the_os()
+        if precision(ds) == "bf16":
+            log.warn(f"{config.train.ds_config}: bf16 on CPU is slow (it runs, and the tests check it, but "
+                     f"ds_configs/cpu_fp32.json trains faster here)")
+    before = memory_in_use_gib(device)
+    dtype = TRAINING_DTYPES[precision(ds)]
     if config.expansion != "moe":
-        model, by_role = prepare_dense_model(model, config.expansion, config.train.lora)
-        resume.load_weights_before_sharding(model)
+        model, by_role = prepare_dense_model(load_causal_lm(run.model_in, dtype, str(device)), config.expansion,
+                                             config.train.lora)
+        resume.load_other_layout_weights(model)
         placements = {}
     else:
-        if not isinstance(model, LayerMoEForCausalLM):
-            raise LayerMoEError(f"{run.model_in} is a dense model; training needs the upcycled model (run upcycle first)")
+        model, placements = _load_model(run, dtype)
         if run.training_stage == 2:
             model.set_classifiers_active(True)  # the classifiers act from stage 2 on (docs/method.md, 3.3)
-        resume.load_weights_before_sharding(model)
-        placements = _shard_experts(model, run.layout.ep_size)
+        resume.load_other_layout_weights(model)
         roles = trainable_roles(run.training_stage, len(model.config.rounds))
         set_trainable(model, roles)
         by_role = {role: [name for name, _ in params] for role, params in parameter_roles(model).items() if role in roles}
@@ -215,14 +233,13 @@ def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
     params = dict(model.named_parameters())
     trained_parameters = {role: sum(params[name].numel() for name in names) for role, names in by_role.items()}
     param_groups = _optimizer_param_groups(model, placements, run)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     model.train()
-    data = stage_data(run)
     optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, settings))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping))
-    return Trainer(engine, scheduler, data, trainable, trained_parameters)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return Trainer(engine, scheduler, data, trainable, trained_parameters, before)
 
 
 def stage_data(run: TrainingRun) -> StageMix:
@@ -233,11 +250,26 @@ def stage_data(run: TrainingRun) -> StageMix:
     return build_stage_mix(run.config, run.round_index, run.training_stage, index.open_all(languages, "train"))
 
 
-def _shard_experts(model: LayerMoEForCausalLM, ep_size: int) -> dict[int, ExpertPlacement]:
-    """With expert parallelism, keep only this rank's experts; the placement of each MoE layer (none at ep_size 1)."""
-    if ep_size == 1:
-        return {}
-    return shard_model(model, expert_parallel_group(ep_size))
+def _load_model(run: TrainingRun, dtype: str) -> tuple[LayerMoEForCausalLM, dict[int, ExpertPlacement]]:
+    """The stage's input model and the placement of each MoE layer's experts (none at ep_size 1). With expert
+    parallelism each rank reads only the shared tensors and its own experts (``load_sharded_model``)."""
+    if read_model_config(run.model_in)["model_type"] != "layermoe":
+        raise LayerMoEError(f"{run.model_in} is a dense model; training needs the upcycled model (run upcycle first)")
+    device = pick_device(run.config.model.device)
+    if run.layout.ep_size == 1:
+        return load_causal_lm(run.model_in, dtype, device), {}
+    try:
+        return load_sharded_model(run.model_in, getattr(torch, dtype), device, expert_parallel_group(run.layout.ep_size))
+    except (ValueError, OSError, SafetensorError) as e:
+        raise LayerMoEError(f"cannot load model from {str(run.model_in)!r}: {e}") from e
+
+
+def enable_activation_checkpointing(model: LayerMoEForCausalLM) -> None:
+    """Keep only each decoder layer's input in the forward and recompute the layer in the backward (HF's
+    per-layer checkpointing, non-reentrant: the MoE blocks' routing records and, with expert parallelism, the
+    all-to-alls are recomputed too, on every rank in the same order)."""
+    model.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.base.disable_input_require_grads()  # only the reentrant variant needs inputs that require grad
 
 
 def _optimizer_param_groups(model: LayerMoEForCausalLM, placements: dict[int, ExpertPlacement],
@@ -300,12 +332,18 @@ def train_step(run: TrainingRun, trainer: Trainer, step: int, routing: RoutingSt
 
 def _micro_batch_loss(run: TrainingRun, engine, input_ids: torch.Tensor,
                       original: torch.Tensor) -> tuple[LossParts, dict[int, RoutingRecord]]:
-    """The forward of one micro-batch: the stage's loss parts and every MoE layer's routing record."""
-    logits = engine(input_ids=input_ids, use_cache=False).logits
+    """The forward of one micro-batch: the stage's loss parts and every MoE layer's routing record. With
+    ``train.loss_chunk_tokens`` the model returns its hidden states and the loss applies the LM head in chunks."""
+    train = run.config.train
+    if train.loss_chunk_tokens:
+        hidden = engine(input_ids=input_ids, use_cache=False, hidden_states_only=True).last_hidden_state
+        prediction = HiddenStates(hidden, functools.partial(output_logits, engine.module), train.loss_chunk_tokens)
+    else:
+        prediction = engine(input_ids=input_ids, use_cache=False).logits
     model = engine.module
     records = ({i: block.last_routing for i, block in moe_blocks(model).items()}
                if isinstance(model, LayerMoEForCausalLM) else {})
-    parts = stage_loss(run.training_stage, logits, input_ids, records, original, run.config.train)
+    parts = stage_loss(run.training_stage, prediction, input_ids, records, original, train)
     return parts, records
 
 
@@ -353,16 +391,9 @@ def export_trained_model(model: torch.nn.Module, checkpoint: SavedCheckpoint, ex
     """Save the trained model as an HF directory (rank 0); with expert parallelism, the experts other ranks
     hold come from the final checkpoint's shards; LoRA adapters are merged into the weights."""
     if checkpoint.layout.ep_size > 1:
-        unshard_model(model, expert_shards(checkpoint))
+        unshard_model(model, expert_shards(checkpoint)[0])
     model = merged_model(model).eval()
     export_model(model, export_dir, tokenizer_from=model_in)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak GPU memory allocated on ``device`` when it is a GPU, else this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.errors import LayerMoEError
-from pipeline.expert_parallel import owned_expert_state
+from pipeline.expert_parallel import RemoteExpert, owned_expert_state
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -89,26 +89,47 @@ def latest_checkpoint(checkpoint_dir: Path) -> SavedCheckpoint | None:
                             f"{checkpoint_dir} to start the stage over") from None
 
 
-def expert_shards(checkpoint: SavedCheckpoint) -> dict[str, torch.Tensor]:
-    """Every rank's experts of an expert-parallel checkpoint, by state-dict name (empty for ep_size 1)."""
+def expert_shards(checkpoint: SavedCheckpoint, wanted: set[str] | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The experts of an expert-parallel checkpoint (every rank's, or only those named in ``wanted``) by state-dict
+    name, and the names of all its experts (both empty for ep_size 1)."""
     shards: dict[str, torch.Tensor] = {}
+    names: set[str] = set()
     for r in range(checkpoint.layout.ep_size if checkpoint.layout.ep_size > 1 else 0):
-        shards.update(load_file(str(expert_file(checkpoint.tag_dir, r))))
-    return shards
+        with safe_open(str(expert_file(checkpoint.tag_dir, r)), framework="pt") as f:
+            names.update(f.keys())
+            shards.update({name: f.get_tensor(name) for name in f.keys() if wanted is None or name in wanted})
+    return shards, names
+
+
+def _held_by_another_rank(model: torch.nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` belongs to an expert that this (sharded) model holds as a ``RemoteExpert``."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        try:
+            return isinstance(model.get_submodule(".".join(parts[:end])), RemoteExpert)
+        except AttributeError:
+            continue
+    return False
 
 
 def load_weights(model: torch.nn.Module, checkpoint: SavedCheckpoint) -> torch.Tensor:
-    """Load a checkpoint's weights (rank 0's model states plus the expert shards) into an unsharded model, before
-    DeepSpeed and expert parallelism; returns the saved RNG state."""
-    try:
-        saved = torch.load(checkpoint.tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-        state = {**saved["module"], **expert_shards(checkpoint)}
+    """Load a checkpoint's weights (rank 0's model states plus the expert shards) into the model before DeepSpeed:
+    a whole model, or one sharded by ``load_sharded_model`` (then only the experts it holds are read); returns the
+    saved RNG state."""
+    own = model.state_dict()
+    try:  # mmap: tensors this model does not hold are never read
+        saved = torch.load(checkpoint.tag_dir / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
+        state, names = expert_shards(checkpoint, wanted=set(own))
+        state.update({k: v for k, v in saved["module"].items() if k in own})
+        names |= set(saved["module"])
     except UNREADABLE as e:
         raise unreadable(checkpoint, e) from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise LayerMoEError(f"checkpoint {checkpoint.tag_dir} does not match the model: missing "
-                            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in names - set(own) if not _held_by_another_rank(model, k))
+    if missing or unexpected:
+        raise LayerMoEError(f"checkpoint {checkpoint.tag_dir} does not match the model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=False)
     return saved["torch_rng"]
 
 
@@ -151,8 +172,9 @@ class ResumePoint:
     """Where a training stage starts, and how it gets there: from step 0, or from the newest checkpoint, saved
     with this layout or another one. Used at the two moments resuming needs:
 
-    * :meth:`load_weights_before_sharding`, right after the model is loaded: with another layout the
-      checkpoint's weights go into the whole model (DeepSpeed cannot read them into this layout);
+    * :meth:`load_other_layout_weights`, right after the model is loaded (whole, or with expert parallelism only
+      this rank's experts): with another layout the checkpoint's weights go into it directly (DeepSpeed cannot
+      read them into this layout);
     * :meth:`restore`, once the DeepSpeed engine exists: with the same layout DeepSpeed restores everything;
       with another, the learning-rate schedule is replayed and the RNG restored. Returns the step to continue from.
     """
@@ -167,8 +189,8 @@ class ResumePoint:
         """Whether the checkpoint was saved with another layout than this run's."""
         return self.checkpoint is not None and self.checkpoint.layout != self.layout
 
-    def load_weights_before_sharding(self, model: torch.nn.Module) -> None:
-        """With another layout: the checkpoint's weights into the unsharded model (nothing to do otherwise)."""
+    def load_other_layout_weights(self, model: torch.nn.Module) -> None:
+        """With another layout: the checkpoint's weights into the freshly loaded model (nothing to do otherwise)."""
         if self.other_layout:
             self._saved_rng = load_weights(model, self.checkpoint)
 
@@ -179,5 +201,5 @@ class ResumePoint:
         if not self.other_layout:
             return resume_same_layout(engine, self.checkpoint)
         if self._saved_rng is None:
-            raise RuntimeError("ResumePoint.restore before load_weights_before_sharding")
+            raise RuntimeError("ResumePoint.restore before load_other_layout_weights")
         return resume_other_layout(scheduler, self.checkpoint, self.layout, self._saved_rng)

@@ -7,11 +7,11 @@
 #
 # How it runs. Stages run in order, round after round (round r+1 starts from round r's trained model); the
 # stage list comes from the stage table (pipeline/stages.py) through `python -m pipeline.cluster preflight`.
-# The stages that split their work over ranks (tokenize, analyze, train_stage1, train_stage2) are one Slurm step
-# each: one task per node starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID --num_nodes
-# $SLURM_NNODES), which starts one process per GPU of the node (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES), or on
-# CPU-only nodes LAYERMOE_PROCS_PER_NODE processes (default 1); rank 0 is on the first node of the job. The other stages
-# (allocate, upcycle, evaluate) run once, in this script, on the first node. Each stage is a separate step
+# The stages that split their work over ranks (tokenize, analyze, train_stage1, train_stage2, evaluate) are one
+# Slurm step each: one task per node starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID
+# --num_nodes $SLURM_NNODES), which starts one process per GPU of the node (SLURM_GPUS_ON_NODE /
+# CUDA_VISIBLE_DEVICES), or on CPU-only nodes LAYERMOE_PROCS_PER_NODE processes (default 1); rank 0 is on the first
+# node of the job. The other stages (allocate, upcycle) run once, in this script, on the first node. Each stage is a separate step
 # rather than one `layermoe run`, because only srun can put a launcher on every node, and so that every stage
 # gets its own log and exit status.
 #

@@ -68,12 +68,11 @@ def corpus_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def spm_model(tmp_path_factory, corpus_dir) -> Path:
+def train_spm_model(root: Path) -> Path:
     """A 400-piece BPE SentencePiece model trained on the synthetic corpus (<unk>=0, <s>=1, </s>=2, <pad>=3)."""
     import sentencepiece
 
-    root = tmp_path_factory.mktemp("spm")
+    root.mkdir(parents=True, exist_ok=True)
     text = root / "train.txt"
     text.write_text("\n".join(t for lang in ALPHABETS for t in synthetic_documents(lang, 200)))
     sentencepiece.SentencePieceTrainer.train(
@@ -82,15 +81,24 @@ def spm_model(tmp_path_factory, corpus_dir) -> Path:
     return root / "tokenizer.model"
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, spm_model) -> Path:
-    """An HF tokenizer directory (fast backend) converted from the SentencePiece model."""
+def write_tokenizer_dir(root: Path, spm_model: Path) -> Path:
+    """An HF tokenizer directory (fast backend) converted from the SentencePiece model ``spm_model``."""
     from pipeline.packing import load_tokenizer
 
-    root = tmp_path_factory.mktemp("tok")
+    root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.model").write_bytes(spm_model.read_bytes())
     load_tokenizer(root).save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory, corpus_dir) -> Path:
+    return train_spm_model(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, spm_model) -> Path:
+    return write_tokenizer_dir(tmp_path_factory.mktemp("tok"), spm_model)
 
 
 def tiny_config(model_type: str, vocab_size: int = 512, layers: int = 3):

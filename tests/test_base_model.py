@@ -50,3 +50,15 @@ def test_corrupt_weights(tmp_path):
     (path / "config.json").write_text("{broken")
     with pytest.raises(LayerMoEError, match="not valid JSON"):
         read_model_config(path)
+
+
+def test_an_expanded_model_loads_in_the_requested_dtype(tmp_path):
+    """Every parameter in ``dtype`` (HF's from_pretrained left the wrapped base model's in the file's float32)."""
+    import torch
+    from test_expert_parallel import two_round_model
+
+    from pipeline.export import export_model
+
+    export_model(two_round_model(), tmp_path / "model")
+    assert {p.dtype for p in load_causal_lm(tmp_path / "model", "bfloat16").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_causal_lm(tmp_path / "model").parameters()} == {torch.float32}

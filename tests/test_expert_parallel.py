@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from pipeline.ranks import free_port
 from pipeline.expert_parallel import (DeepSpeedMoEMarker, ExpertPlacement, RemoteExpert, expert_parallel_forward,
                                       expert_parallel_group, mark_expert_parameters, owned_expert_state,
                                       place_experts, shard_block, shard_model, unshard_model)
-from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock, moe_blocks
 
 HIDDEN, FFN = 8, 16
 TOKENS = (13, 9)  # tokens on rank 0 and rank 1
@@ -229,8 +232,8 @@ def test_sharded_block_equals_the_full_block(two_ranks):
     two_ranks("shard_block")
 
 
-def _check_shard_model(rank: int) -> None:
-    """A two-round model sharded over 2 ranks: same logits; the ranks' shards put the whole model back together."""
+def two_round_model():
+    """A tiny two-round LayerMoE model (classifier in layer 1) whose experts differ, as after training."""
     from test_moe import dense_model, perturb_experts
 
     from pipeline.upcycle import ExpansionRound, grow, upcycle
@@ -238,6 +241,12 @@ def _check_shard_model(rank: int) -> None:
     model = grow(upcycle(dense_model(layers=3), ExpansionRound("g1", ["el"], [2, 3, 1], [1]), ["en"]),
                  ExpansionRound("g2", ["hi"], [2, 2, 3], [1]))
     perturb_experts(model, 0.2)
+    return model
+
+
+def _check_shard_model(rank: int) -> None:
+    """A two-round model sharded over 2 ranks: same logits; the ranks' shards put the whole model back together."""
+    model = two_round_model()
     reference = copy.deepcopy(model)
     ids = torch.randint(4, 400, (4, 12), generator=torch.Generator().manual_seed(3))
     placements = shard_model(model, dist.group.WORLD)
@@ -258,6 +267,83 @@ def _check_shard_model(rank: int) -> None:
 
 def test_sharded_model_equals_the_full_model_and_shards_reassemble(two_ranks):
     two_ranks("shard_model")
+
+
+def _check_load_sharded(rank: int) -> None:
+    """Rank-local loading (meta device, only this rank's experts read) = loading everything, then sharding."""
+    from pipeline.base_model import load_causal_lm
+    from pipeline.export import export_model
+    from pipeline.expert_parallel import load_sharded_model
+
+    directory = Path(tempfile.gettempdir()) / f"layermoe-load-sharded-{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        export_model(two_round_model(), directory)
+    dist.barrier()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            reference = load_causal_lm(directory, str(dtype).removeprefix("torch."))
+            reference_placements = shard_model(reference, dist.group.WORLD)
+            model, placements = load_sharded_model(directory, dtype, "cpu", dist.group.WORLD)
+            assert placements == reference_placements and not model.training
+            got, expected = model.state_dict(), reference.state_dict()
+            assert got.keys() == expected.keys() and any("experts.2" in k for k in got)
+            for key, value in expected.items():
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), f"{dtype} {key}"
+            buffers = dict(reference.named_buffers())  # non-persistent ones too (rotary tables)
+            for key, value in model.named_buffers():
+                assert torch.equal(value, buffers[key]), key
+            assert model.base.lm_head.weight.data_ptr() == model.base.model.embed_tokens.weight.data_ptr() or \
+                not model.config.base_config.get("tie_word_embeddings")
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(directory)
+
+
+def test_rank_local_loading_equals_load_then_shard(two_ranks):
+    two_ranks("load_sharded")
+
+
+def _check_activation_checkpointing(rank: int) -> None:
+    """With expert parallelism, recomputing each decoder layer in the backward (its all-to-alls included, on both
+    ranks) gives the loss and gradients of keeping the activations, for both stages' losses."""
+    from pipeline.hf_modeling.modeling_layermoe import output_logits
+    from pipeline.losses import HiddenStates, stage_loss
+    from pipeline.train import enable_activation_checkpointing, trainable_roles
+    from pipeline.upcycle import set_trainable
+
+    gen = torch.Generator().manual_seed(10 + rank)
+    ids = torch.randint(4, 400, (2, 12), generator=gen)
+    original = torch.zeros(2, 12, dtype=torch.bool)
+    original[rank] = True  # one original-language sequence per rank
+    for training_stage in (1, 2):
+        results = []
+        for checkpointing in (False, True):
+            model = two_round_model()
+            shard_model(model, dist.group.WORLD)
+            set_trainable(model, trainable_roles(training_stage, 2))
+            if checkpointing:
+                enable_activation_checkpointing(model)
+            model.train()
+            kept = []  # what autograd keeps outside checkpointed regions (inside them the checkpoint decides)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+                hidden = model(input_ids=ids, use_cache=False, hidden_states_only=True).last_hidden_state
+            records = {i: b.last_routing for i, b in moe_blocks(model).items()}
+            parts = stage_loss(training_stage, HiddenStates(hidden, lambda x: output_logits(model, x), 7), ids,
+                               records, original)
+            parts.total.backward()
+            grads = {n: grad_or_zero(p) for n, p in model.named_parameters() if p.requires_grad}
+            results.append((parts.as_floats(), grads, sum(kept)))
+        (losses, grads, kept), (losses_ckpt, grads_ckpt, kept_ckpt) = results
+        assert kept_ckpt < kept / 4, (kept_ckpt, kept)  # the layers' activations really were not kept
+        assert losses == pytest.approx(losses_ckpt, rel=1e-6, abs=1e-7), (training_stage, losses, losses_ckpt)
+        assert grads.keys() == grads_ckpt.keys() and any("experts" in n for n in grads) == (training_stage == 1)
+        for name in grads:
+            close(grads_ckpt[name], grads[name], f"stage {training_stage} rank {rank}: grad of {name}")
+
+
+def test_activation_checkpointing_with_expert_parallelism_keeps_loss_and_gradients(two_ranks):
+    two_ranks("activation_checkpointing")
 
 
 # ---------------------------------------------------------------- DeepSpeed
@@ -322,7 +408,8 @@ def test_deepspeed_reduces_expert_gradients_over_the_expert_data_parallel_group(
 # ---------------------------------------------------------------- one 2-process gloo run for all the checks above
 
 CHECKS = {"forward_backward": _check_forward_backward, "shard_block": _check_shard_block,
-          "shard_model": _check_shard_model, "deepspeed": _check_deepspeed}
+          "shard_model": _check_shard_model, "load_sharded": _check_load_sharded,
+          "activation_checkpointing": _check_activation_checkpointing, "deepspeed": _check_deepspeed}
 
 
 def _worker(rank: int, port: int, results) -> None:

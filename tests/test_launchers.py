@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_tiny_model, synthetic_documents, write_jsonl
 from pipeline import cluster, ranks
@@ -22,6 +23,7 @@ from pipeline.launch import StageProcessesFailed, launch_stage_command, run_stag
 from pipeline.ranks import discover_ranks, free_port
 from pipeline.stages import get_stage
 from test_slurm import slurm_problem
+from test_train import assert_same_weights, prepare, state, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -132,6 +134,41 @@ def test_two_nodes_as_slurm_expand_starts_them(analyze_setup, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
     assert_same_similarity(single, tmp_path / "run")
+
+
+def cluster_stage(stage: str, config: Path, run_dir: Path, *options: str) -> subprocess.Popen:
+    """``python -m pipeline.cluster stage ...`` as slurm/expand.sh runs it on a node (here: on this machine)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cluster", "stage", stage, "--config", str(config),
+                             "--round", "g1", *options, f"run_dir={run_dir}"], cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_training_on_two_nodes_equals_one_node_with_two_processes(train_setup, tmp_path):
+    """Stage 1 with expert parallelism across the "nodes" (ep_size 2, ZeRO-2): two DeepSpeed launchers
+    (--num_nodes 2 --node_rank 0|1 --no_ssh, a hostfile of two names for this machine) x 1 process give the
+    weights of one launcher with 2 processes."""
+    config = write_config(train_setup, tmp_path / "prepared", ds_config="ds_configs/zero2_fp32.json", ep_size=2,
+                          stage1=dict(steps=4, micro_batch_size=2))
+    prepare(config)
+    for name in ("one_node", "two_nodes"):
+        shutil.copytree(tmp_path / "prepared", tmp_path / name)
+    one = cluster_stage("train_stage1", config, tmp_path / "one_node", "--processes-per-node", "2", "--master-port",
+                        str(free_port()))
+    output = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, output[-3000:]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    nodes = [cluster_stage("train_stage1", config, tmp_path / "two_nodes", "--nodes", "2", "--node-rank", str(rank),
+                           "--master-addr", "127.0.0.1", "--master-port", port, "--hostfile", str(hostfile))
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1] and "world 2, ep_size 2" in outputs[0]
+    trained = [tmp_path / name / "g1" / "train_stage1" / "model" for name in ("one_node", "two_nodes")]
+    assert_same_weights(*trained, exact=True)
+    assert any(not torch.equal(v, state(trained[0])[k])
+               for k, v in state(tmp_path / "prepared" / "g1" / "upcycle" / "model").items())
 
 
 def test_launch_stage_command():

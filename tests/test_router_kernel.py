@@ -1,7 +1,8 @@
 """The fused router kernel against the reference PyTorch path: forward outputs, gradients, ties, the classifier
 override, a whole MoE block.
 
-The kernel tests (marker ``triton_interpreter``) run on CPU in the Triton interpreter. Triton reads
+The kernel tests (marker ``triton_interpreter``) run natively on a CUDA GPU when there is one (on CUDA tensors;
+``scripts/gpu_check.sh``), else on CPU in the Triton interpreter. Triton reads
 ``TRITON_INTERPRET`` when a kernel is compiled, and the kernels are compiled once per process, so a normal session
 runs them in a fresh process with ``TRITON_INTERPRET=1`` (``test_kernel_tests_pass_under_the_interpreter``); there
 a kernel error is a failure, and so is a run in which no kernel case passed. Triton comes with the ``test`` extra
@@ -28,13 +29,14 @@ from pipeline.hf_modeling.router_kernel import BACKEND_ENV, route
 EXACT = ("indices", "router_indices", "counts", "offsets", "assign_counts")
 CLOSE = ("weights", "router_weights", "probs", "prob_sums")  # also the differentiable outputs
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")  # where kernels run
 KERNEL_MARKS = (pytest.mark.triton_interpreter,
-                pytest.mark.skipif(not INTERPRETED, reason="runs in a TRITON_INTERPRET=1 process, see "
-                                   "test_kernel_tests_pass_under_the_interpreter"))
+                pytest.mark.skipif(not INTERPRETED and DEVICE.type != "cuda", reason="no GPU: runs in a "
+                                   "TRITON_INTERPRET=1 process, see test_kernel_tests_pass_under_the_interpreter"))
 
 
 def interpreted_only(test):
-    """A kernel test: it runs in the interpreter process only."""
+    """A kernel test: it runs on a GPU, or in the interpreter process."""
     for mark in KERNEL_MARKS:
         test = mark(test)
     return test
@@ -62,7 +64,7 @@ def logits_with_ties(n: int, e: int, dtype: torch.dtype, seed: int) -> torch.Ten
     logits = 2 * torch.randn(n, e, generator=g)
     logits[n // 2:] = torch.randint(0, 3, (n - n // 2, e), generator=g).float()
     logits[0] = 1.0
-    return logits.to(dtype)
+    return logits.to(DEVICE, dtype)
 
 
 def run(backend: str, logits: torch.Tensor, k: int, gate, valid, monkeypatch):
@@ -71,7 +73,8 @@ def run(backend: str, logits: torch.Tensor, k: int, gate, valid, monkeypatch):
     z = logits.clone().requires_grad_(True)
     result = route(z, k, gate, valid)
     g = torch.Generator().manual_seed(123)
-    loss = sum((getattr(result, f) * torch.randn(getattr(result, f).shape, generator=g)).sum() for f in CLOSE)
+    loss = sum((getattr(result, f) * torch.randn(getattr(result, f).shape, generator=g).to(DEVICE)).sum()
+               for f in CLOSE)
     loss.backward()
     return result, z.grad
 
@@ -85,8 +88,8 @@ def test_kernel_matches_reference(monkeypatch, experts, k, dtype, gated):
     n = 150  # not a multiple of the block
     logits = logits_with_ties(n, experts, dtype, seed=experts * 10 + k)
     g = torch.Generator().manual_seed(1)
-    gate = torch.rand(n, generator=g) < 0.3 if gated else None
-    valid = torch.rand(n, generator=g) < 0.8 if gated else None
+    gate = (torch.rand(n, generator=g) < 0.3).to(DEVICE) if gated else None
+    valid = (torch.rand(n, generator=g) < 0.8).to(DEVICE) if gated else None
     expected, expected_grad = run("torch", logits, k, gate, valid, monkeypatch)
     got, got_grad = run("triton", logits, k, gate, valid, monkeypatch)
     for field in EXACT:
@@ -100,9 +103,11 @@ def test_kernel_matches_reference(monkeypatch, experts, k, dtype, gated):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=KERNEL_MARKS)])
 def test_ties_pick_the_lowest_index_and_gated_rows_follow_the_convention(monkeypatch, backend):
     monkeypatch.setenv(BACKEND_ENV, backend)
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 2.0, 2.0], [5.0, 5.0, 1.0, 5.0], [0.0, 3.0, 1.0, 3.0]])
-    gate = torch.tensor([False, False, False, True])
-    valid = torch.tensor([True, True, False, True])
+    device = DEVICE if backend == "triton" else "cpu"
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 2.0, 2.0], [5.0, 5.0, 1.0, 5.0], [0.0, 3.0, 1.0, 3.0]],
+                          device=device)
+    gate = torch.tensor([False, False, False, True], device=device)
+    valid = torch.tensor([True, True, False, True], device=device)
     r = route(logits, 2, gate, valid)
     assert r.router_indices.tolist() == [[0, 1], [1, 2], [0, 1], [1, 3]]
     assert r.indices.tolist() == [[0, 1], [1, 2], [0, 1], [0, 4]]  # gated: expert 0, then an inactive slot (E)
@@ -117,14 +122,14 @@ def test_block_output_and_gradients_agree_between_backends(monkeypatch):
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(tiny_config("llama", layers=1))
     context = RoutingContext()
-    block = LayerMoEBlock(dense.model.layers[0].mlp, 5, 32, 2, classifier=True, context=context)
+    block = LayerMoEBlock(dense.model.layers[0].mlp, 5, 32, 2, classifier=True, context=context).to(DEVICE)
     with torch.no_grad():
         for expert in list(block.experts)[1:]:
             for p in expert.parameters():
                 p.add_(0.2 * torch.randn_like(p))
         block.classifier.weight.normal_()
-    x = torch.randn(3, 11, 32)
-    context.attention_mask = torch.ones(3, 11, dtype=torch.long)
+    x = torch.randn(3, 11, 32).to(DEVICE)
+    context.attention_mask = torch.ones(3, 11, dtype=torch.long, device=DEVICE)
     outputs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv(BACKEND_ENV, backend)

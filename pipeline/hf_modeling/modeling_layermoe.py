@@ -154,6 +154,15 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return inner.model
 
 
+def output_logits(model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The logits a dense or LayerMoE causal LM computes from its decoder's last hidden states (the LM head, and
+    the final logit soft-capping of architectures that have one, e.g. Gemma)."""
+    inner = model.base if isinstance(model, LayerMoEForCausalLM) else model
+    logits = inner.lm_head(hidden_states)
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def moe_blocks(model: nn.Module) -> dict[int, LayerMoEBlock]:
     """Layer index -> MoE block, for the layers that have one."""
     return {i: layer.mlp for i, layer in enumerate(decoder_of(model).layers) if isinstance(layer.mlp, LayerMoEBlock)}
@@ -216,7 +225,11 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.base.model
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, hidden_states_only: bool = False, **kwargs):
+        """The base model's forward; with ``hidden_states_only`` the decoder's output (``last_hidden_state``)
+        without the LM head, for losses that apply the head themselves (chunked cross-entropy)."""
+        if hidden_states_only:
+            return self.base.model(*args, **kwargs)
         return self.base(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
