@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import LayerMoEError
 from pipeline.ranks import discover_ranks, use_local_device
 
 
@@ -47,6 +48,13 @@ def distributed_from_env() -> Iterator[DistInfo]:
             dist.destroy_process_group()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must be: this rank's GPU under NCCL, else the CPU."""
+    if current().world_size > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (no-op in a single process)."""
     if current().world_size > 1:
@@ -58,3 +66,13 @@ def barrier() -> None:
     """Wait for all ranks (no-op in a single process)."""
     if current().world_size > 1:
         dist.barrier()
+
+
+def raise_if_failed_anywhere(error: BaseException | None, what: str) -> None:
+    """Collective (every rank calls it): raise ``error`` on the rank that had it, and on the others an error that
+    ``what`` failed on another rank, so that no rank waits at a later barrier for one that stopped."""
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=collective_device()))
+    if error is not None:
+        raise error
+    if float(failed) > 0:
+        raise LayerMoEError(f"{what} failed on another rank (its message says why)")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.atomic import atomic_directory
+from safetensors import SafetensorError
+
+from pipeline.atomic import atomic_directory, cannot_write
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -19,16 +21,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
     """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json with ``auto_map`` (so
     ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package), the
-    modeling code, and the tokenizer files found in ``tokenizer_from``."""
+    modeling code, and the tokenizer files found in ``tokenizer_from``. A failed write is an error naming it."""
     model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
                              "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
     model.config.architectures = ["LayerMoEForCausalLM"]
-    with atomic_directory(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp)
-        for name in MODELING_FILES:
-            shutil.copyfile(MODELING_DIR / name, tmp / name)
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
-                    shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+    try:
+        with atomic_directory(Path(out_dir)) as tmp:
+            model.save_pretrained(tmp)
+            for name in MODELING_FILES:
+                shutil.copyfile(MODELING_DIR / name, tmp / name)
+            if tokenizer_from is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
+                        shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. a full disk; nothing of out_dir changed
+        raise cannot_write(out_dir, e) from None
     return Path(out_dir)

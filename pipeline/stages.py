@@ -20,7 +20,6 @@ disagree::
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,10 @@ from pipeline.allocate import allocate, read_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
+from pipeline.checkpoint_dir import StageIdentity, prepare_checkpoint_dir, start_point
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
-                             UpcycleConfig, to_dict)
-from pipeline.corpus import LanguageSource, iter_documents, language_documents, resolve_source
+                             UpcycleConfig, check_top_k, to_dict)
+from pipeline.corpus import HeldoutSplit, LanguageSource, iter_documents, language_documents, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups
 from pipeline.evaluate import EvalModel, evaluate_models
@@ -48,31 +48,35 @@ from pipeline.plots import plot_allocation, plot_similarity
 from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
 from pipeline.run_dir import round_input_model, stage_dir, trained_model_dir
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
-from pipeline.train import describe_settings, init_deepspeed_distributed, train_stage
+from pipeline.train import init_deepspeed_distributed, train_stage, training_settings
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 
 
-def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],
-         body: Callable[[Path | None], dict], force: bool) -> Path:
-    """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``), with ``settings`` (a
-    dataclass, or a dict) as the manifest's config slice."""
-    spec = StageSpec(stage=stage, round_name=config.rounds[round_index].name,
+@dataclass(frozen=True)
+class StageOptions:
+    """How a command asks a stage to run: ``force`` re-runs it even when it is done; ``resume_from`` (training
+    stages) starts it from that checkpoint, an explicit choice (see ``pipeline/checkpoint_dir.py``)."""
+
+    force: bool = False
+    resume_from: Path | None = None
+
+
+def _spec(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path]) -> StageSpec:
+    """Stage ``stage`` of a round, with ``settings`` (a dataclass, or a dict) as the manifest's config slice."""
+    return StageSpec(stage=stage, round_name=config.rounds[round_index].name,
                      out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs)
-    return run_stage(spec, body, force)
+
+
+def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],
+         body: Callable[[Path | None], dict], options: StageOptions) -> Path:
+    """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``)."""
+    return run_stage(_spec(config, round_index, stage, settings, inputs), body, options.force)
 
 
 def _corpus_inputs(sources: dict[str, LanguageSource]) -> dict[str, Path]:
     return {f"corpus:{lang}": source.path for lang, source in sources.items()}
-
-
-@dataclass(frozen=True)
-class HeldoutSplit:
-    """How documents are split into train and held-out parts (``data.heldout_fraction``, ``data.split_seed``)."""
-
-    heldout_fraction: float
-    seed: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,16 +96,15 @@ class AnalyzeSettings:
     sources: dict[str, LanguageSource]
 
 
-def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_analyze(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """analyze: similarity.json + similarity.png for one round."""
     old, new = config.languages_before(round_index), list(config.rounds[round_index].languages)
     model_path = round_input_model(config, round_index)
-    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype,
-                               HeldoutSplit(config.data.heldout_fraction, config.data.split_seed),
+    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype, HeldoutSplit.of(config),
                                {lang: resolve_source(config, lang) for lang in old + new})
     body = functools.partial(_analyze, settings, config.rounds[round_index].name, model_path, config.model.device)
     return _run(config, round_index, "analyze", settings, {"model": model_path, **_corpus_inputs(settings.sources)},
-                body, force)
+                body, options)
 
 
 def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, device: str, out: Path | None) -> dict:
@@ -138,7 +141,7 @@ class AllocateSettings:
     allocate: AllocateConfig
 
 
-def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_allocate(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """allocate: allocation.json + allocation.png for one round, from that round's similarity.json."""
     settings = AllocateSettings(config.allocate_for(round_index))
     model_path = round_input_model(config, round_index)
@@ -146,12 +149,13 @@ def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Pa
     if not similarity_file.is_file():
         raise LayerMoEError(f"allocate {config.rounds[round_index].name}: {similarity_file} does not exist; run the "
                             f"analyze stage first")
-    body = functools.partial(_allocate, settings, config.rounds[round_index], model_path, similarity_file)
+    body = functools.partial(_allocate, settings, config.rounds[round_index], model_path, similarity_file,
+                             config.upcycle.top_k)
     return _run(config, round_index, "allocate", settings,
-                {"similarity": similarity_file, "model_config": model_path / "config.json"}, body, force)
+                {"similarity": similarity_file, "model_config": model_path / "config.json"}, body, options)
 
 
-def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, similarity_file: Path,
+def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, similarity_file: Path, top_k: int,
               out: Path | None) -> dict:
     model_config = read_model_config(model_path)
     existing = model_config.get("experts_per_layer")  # an expanded model grows by this round's experts
@@ -160,6 +164,7 @@ def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, si
     scores = layer_scores(sim.pairs, sim.old, sim.new, settings.allocate.aggregation)
     result = allocate(settings.allocate, scores, base_config["num_hidden_layers"])
     totals = [e + n - 1 for e, n in zip(existing, result.experts_per_layer)] if existing else result.experts_per_layer
+    check_top_k(model_config["num_experts_per_tok"] if existing else top_k, totals, f"the allocation of {rnd.name}")
     params = plan(base_config, totals, result.classifier_layers)
     log.info(f"allocate {rnd.name}: {result.method} -> experts per layer {result.experts_per_layer} "
              f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
@@ -198,7 +203,7 @@ def verification_text(config: RunConfig, languages: list[str], tokenizer, tokens
     return torch.tensor([ids])
 
 
-def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_upcycle(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
     model, checked to compute the same logits; later rounds: grow the previous round's model)."""
     settings = UpcycleSettings(config.upcycle, config.seed, config.model.dtype, config.old_languages)
@@ -208,7 +213,7 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
     verification = functools.partial(verification_text, config, sample_languages)
     body = functools.partial(_upcycle, settings, config.rounds[round_index], model_path, allocation_file, verification)
     return _run(config, round_index, "upcycle", settings, {"model": model_path, "allocation": allocation_file},
-                body, force)
+                body, options)
 
 
 def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allocation_file: Path,
@@ -222,8 +227,12 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
     summary: dict = {"experts_per_layer": None}
     if isinstance(model, LayerMoEForCausalLM):
         log.info(f"upcycle {rnd.name}: growing {model_path} by {sum(allocation.new_experts_per_layer)} experts")
+        check_top_k(model.config.num_experts_per_tok,
+                    [e + n - 1 for e, n in zip(model.config.experts_per_layer, allocation.experts_per_layer)],
+                    f"{allocation_file} grown onto {model_path}")
         expanded = grow(model, expansion, keep_router_rows=u.keep_router_rows, seed=settings.seed)
     else:
+        check_top_k(u.top_k, allocation.experts_per_layer, str(allocation_file))
         log.info(f"upcycle {rnd.name}: {sum(allocation.new_experts_per_layer)} new experts, "
                  f"classifiers in layers {allocation.classifier_layers}")
         sample = verification(load_tokenizer(model_path))
@@ -250,47 +259,50 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, force: bool = False) -> Path:
+def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, options: StageOptions) -> Path:
     """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory."""
     name = f"train_stage{training_stage}"
     model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
     if not model_in.is_dir():
-        raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: input model {model_in} does not exist; run "
-                            f"the earlier stages first")
-    settings = describe_settings(config, training_stage)
-    sources = {lang: resolve_source(config, lang) for lang in config.languages_before(round_index + 1)}
+        raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: its input model {model_in} does not exist; "
+                            f"run the {'upcycle' if training_stage == 1 else 'train_stage1'} stage first")
+    settings = training_settings(config, round_index, training_stage)
+    spec = _spec(config, round_index, name, settings, {"model": model_in, **_corpus_inputs(settings.sources)})
     checkpoints = stage_dir(config, round_index, f"{name}.checkpoints")
-    body = functools.partial(_train, config, round_index, training_stage, settings, model_in, checkpoints)
-    return _run(config, round_index, name, settings, {"model": model_in, **_corpus_inputs(sources)}, body, force)
+    body = functools.partial(_train, config, round_index, training_stage, spec, options.resume_from, model_in,
+                             checkpoints)
+    return run_stage(spec, body, options.force)
 
 
-def run_train_stage1(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_train_stage1(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """train_stage1: this round's new experts and the routers, on the new languages."""
-    return run_train(config, round_index, 1, force)
+    return run_train(config, round_index, 1, options)
 
 
-def run_train_stage2(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_train_stage2(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """train_stage2: routers and classifiers, on the new languages plus replay of the earlier ones."""
-    return run_train(config, round_index, 2, force)
+    return run_train(config, round_index, 2, options)
 
 
-def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, settings: dict, model_in: Path,
-           checkpoints: Path, out: Path | None) -> dict:
-    """Train on every rank; the checkpoints of other settings (``fingerprint.json``) are discarded first."""
+def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, spec: StageSpec,
+           resume_from: Path | None, model_in: Path, checkpoints: Path, out: Path | None) -> dict:
+    """Train on every rank, from where the stage's checkpoint directory says (``pipeline/checkpoint_dir.py``)."""
     init_deepspeed_distributed()
-    marker = checkpoints / "fingerprint.json"
-    if distributed.current().is_main:  # only rank 0 looks: the others would race with its writes
-        if checkpoints.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
-            log.warn(f"{checkpoints} belongs to other settings; starting train_stage{training_stage} from scratch")
-            shutil.rmtree(checkpoints)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        write_json(marker, settings)
-    distributed.barrier()
-    result = train_stage(config, round_index, training_stage, model_in, checkpoints, out / "model" if out else None)
+    identity = StageIdentity(spec.label, spec.fingerprint, spec.config_slice, spec.input_hashes)
+    error = None
+    if distributed.current().is_main:  # only rank 0 prepares: the others would race with its writes
+        try:
+            prepare_checkpoint_dir(checkpoints, identity, resume_from)
+        except Exception as e:
+            error = e
+    distributed.raise_if_failed_anywhere(error, f"preparing {checkpoints}")
+    result = train_stage(config, round_index, training_stage, model_in, checkpoints, start_point(checkpoints),
+                         out / "model" if out else None)
     if out is not None and (checkpoints / "routing_stats.json").exists():
         shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
-            "peak_memory_gib": result.peak_memory_gib}
+            "peak_memory_gib": result.peak_memory_gib,
+            "resumed_from": str(resume_from) if resume_from else None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +330,7 @@ def evaluated_models(config: RunConfig, round_index: int) -> list[EvalModel]:
     return models
 
 
-def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_evaluate(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """evaluate: the base model and every model of the run up to this round, on every language so far."""
     models = evaluated_models(config, round_index)
     known = config.languages_before(round_index + 1)
@@ -328,7 +340,7 @@ def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Pa
     sources = {lang: resolve_source(config, lang) for lang in languages.all}
     body = functools.partial(_evaluate, config, round_index, models, languages)
     return _run(config, round_index, "evaluate", settings,
-                {**{f"model:{m.label}": m.path for m in models}, **_corpus_inputs(sources)}, body, force)
+                {**{f"model:{m.label}": m.path for m in models}, **_corpus_inputs(sources)}, body, options)
 
 
 def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,
@@ -372,10 +384,11 @@ class Stage:
     """One pipeline stage."""
 
     name: str
-    run: Callable[[RunConfig, int, bool], Path]  # run(config, round_index, force) -> the stage directory
+    run: Callable[[RunConfig, int, StageOptions], Path]  # run(config, round_index, options) -> the stage directory
     splits_over_ranks: bool  # started in several processes, it splits its work over them
     help: str
     entry: tuple[str, ...]  # its script in stages/ and the script's fixed arguments
+    resumable: bool = False  # it saves checkpoints, and can start from one (--resume-from)
 
     @property
     def entry_argv(self) -> list[str]:
@@ -391,9 +404,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("upcycle", run_upcycle, False, "round's input model + allocation -> expanded MoE model (HF directory)",
           ("upcycle.py",)),
     Stage("train_stage1", run_train_stage1, True, "train new experts + routers on the new languages (DeepSpeed)",
-          ("train.py", "--stage", "1")),
+          ("train.py", "--stage", "1"), resumable=True),
     Stage("train_stage2", run_train_stage2, True, "train routers + classifiers on new + replay text (DeepSpeed)",
-          ("train.py", "--stage", "2")),
+          ("train.py", "--stage", "2"), resumable=True),
     Stage("evaluate", run_evaluate, False, "perplexity, forgetting, routing, translation -> report.json / report.md",
           ("evaluate.py",)),
 )

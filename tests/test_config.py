@@ -67,6 +67,27 @@ def test_round_allocate_override(tmp_path):
     ("data.heldout_fraction=1.5", r"^data\.heldout_fraction: must be in \(0, 1\)"),
     ("analyze.include_special_tokens=maybe", r"^analyze\.include_special_tokens: expected true/false"),
     ("nonsense", r"expected KEY=VALUE"),
+    # every numeric field's range
+    ("train.stage1.lr=.inf", r"^train\.stage1\.lr: must be a finite number > 0, got inf"),
+    ("train.stage2.lr=.nan", r"^train\.stage2\.lr: must be a finite number > 0, got nan"),
+    ("train.stage1.lr=0", r"^train\.stage1\.lr: must be a finite number > 0"),
+    ("train.stats_every=0", r"^train\.stats_every: must be >= 1, got 0"),
+    ("train.checkpoint_every=-1", r"^train\.checkpoint_every: must be >= 0, got -1"),
+    ("train.alpha=-0.1", r"^train\.alpha: must be a finite number >= 0"),
+    ("train.gamma=.inf", r"^train\.gamma: must be a finite number >= 0, got inf"),
+    ("train.beta=-1", r"^train\.beta: must be a finite number >= 0"),
+    ("train.gradient_clipping=-1", r"^train\.gradient_clipping: must be a finite number >= 0"),
+    ("train.weight_decay=-0.01", r"^train\.weight_decay: must be a finite number >= 0"),
+    ("train.stage2.replay_tokens_per_language=-5", r"^train\.stage2\.replay_tokens_per_language: must be >= 0"),
+    ("evaluate.translation_max_new_tokens=0", r"^evaluate\.translation_max_new_tokens: must be >= 1"),
+    ("evaluate.translation_shots=-1", r"^evaluate\.translation_shots: must be >= 0"),
+    ("upcycle.verify_tolerance=.inf", r"^upcycle\.verify_tolerance: must be a finite number > 0, got inf"),
+    ("upcycle.top_k=0", r"^upcycle\.top_k: must be >= 1"),
+    ("allocate.delta=.inf", r"^allocate\.delta: must be a finite number > 0"),
+    ("seed=-1", r"^seed: must be in \[0, 2\^63\)"),
+    ("allocate={method: explicit, explicit: [1, 1, 1]}", r"^upcycle\.top_k: 2 is larger than every layer's expert "
+                                                          r"count \(at most 1 in allocate\.explicit\)"),
+    ("allocate={method: uniform, experts_per_layer: 1}", r"^upcycle\.top_k: 2 is larger than every layer's expert count"),
 ])
 def test_errors_name_the_field(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -80,3 +101,10 @@ def test_missing_required_and_file_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "name: [unclosed\n"))
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.replace("name: t", "name: caf\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_config(path)
