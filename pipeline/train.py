@@ -195,8 +195,7 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
                 if not periodic:
                     save_checkpoint(trainer.engine, checkpoint_dir, step + 1, run.layout)
                 raise StopRequested(f"{run.name}: stopped by {stop.describe()} after step {step + 1} of "
-                                    f"{run.settings.steps}; checkpoint step{step + 1} saved; run the same command "
-                                    f"again to continue from it")
+                                    f"{run.settings.steps}; checkpoint step{step + 1} saved")
     save_final_checkpoint_and_export(run, trainer, export_dir)
     peak = peak_memory_gib(trainer.device)
     log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "

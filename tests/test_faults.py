@@ -25,7 +25,7 @@ from pipeline.ranks import free_port
 from pipeline.run_dir import MARKER
 from pipeline.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED
 from test_pipeline import run_config  # noqa: F401  (a fixture: analyze -> allocate on a tiny model)
-from test_train import clean_env, prepare, run_cli, state, train_setup, write_config  # noqa: F401  (train_setup: a fixture)
+from test_train import clean_env, run_cli, state, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(stage1=dict(steps=4, warmup_steps=1, micro_batch_size=2, block_length=32, tokens_per_language=1500),
@@ -101,16 +101,17 @@ def test_changed_corpus_restarts_training_instead_of_resuming_the_stale_checkpoi
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.fixture
-def reallocated_run(finished_run, train_setup, tmp_path) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """The finished run, run again with another allocation ([3, 2] -> [2, 3]) up to stage 1."""
-    run_dir, config = copy_run(finished_run, train_setup, tmp_path)
+@pytest.fixture(scope="module")
+def reallocated_run(finished_run, train_setup, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The finished run, run again with another allocation ([3, 2] -> [2, 3]) up to stage 1 (tests that change it
+    copy it first)."""
+    run_dir, config = copy_run(finished_run, train_setup, tmp_path_factory.mktemp("reallocated"))
     proc = run_cli(["run", str(config), "--until", "train_stage1", "allocate.explicit=[2, 3]"])
-    return run_dir, config, proc
+    return run_dir, proc
 
 
 def test_changed_allocation_restarts_training_instead_of_crashing_on_the_old_checkpoint(reallocated_run):
-    run_dir, _, proc = reallocated_run
+    run_dir, proc = reallocated_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "input model changed" in proc.stderr and "steps 0..4" in proc.stderr
     assert len(stale_dirs(run_dir, "train_stage1")) == 1
@@ -118,10 +119,10 @@ def test_changed_allocation_restarts_training_instead_of_crashing_on_the_old_che
     assert model["experts_per_layer"] == [2, 3]
 
 
-def test_resume_from_a_checkpoint_of_another_allocation_is_refused(reallocated_run):
-    run_dir, config, _ = reallocated_run
+def test_resume_from_a_checkpoint_of_another_allocation_is_refused(reallocated_run, train_setup, tmp_path):
+    assert reallocated_run[1].returncode == 0, reallocated_run[1].stderr[-3000:]
+    run_dir, config = copy_run(reallocated_run[0], train_setup, tmp_path)
     [stale] = stale_dirs(run_dir, "train_stage1")
-    fingerprint = (run_dir / "g1" / "train_stage1.checkpoints" / "fingerprint.json").read_text()
     proc = run_cli(["train", str(config), "--stage", "1", "--force", "allocate.explicit=[2, 3]",
                     "--resume-from", str(stale / "step4")])
     assert proc.returncode == 2

@@ -123,13 +123,13 @@ def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_the_requeued
     the script requeues the job, whose second run skips the finished stages and resumes training."""
     env = {**job_env(), "LAYERMOE_PROCS_PER_NODE": "1"}
     proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/expand.sh",
-                           str(expansion_config), "train.stage1.steps=300", "train.stats_every=100"],
+                           str(expansion_config), "train.stage1.steps=2000", "train.stats_every=1000"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
     job = int(proc.stdout.split(";")[0])
     train_log = tmp_path / "run" / "logs" / f"slurm-{job}" / "g1.train_stage1.log"
     try:
-        wait_for(lambda: train_log.is_file() and "stage 1 step 3/300" in train_log.read_text(), 300,
-                 "training to start")
+        wait_for(lambda: train_log.is_file() and "stage 1 step 3/2000" in train_log.read_text(), 300,
+                 "training to start", poll=0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
         wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
                  "the job to be requeued")
@@ -140,8 +140,8 @@ def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_the_requeued
         subprocess.run(["scancel", str(job)], capture_output=True)
     job_log, log = (tmp_path / f"job-{job}.out").read_text(), train_log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", job_log[-4000:] + log[-4000:]
-    stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 300", log)
-    assert stopped, log[-4000:]
+    stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 2000", log)
+    assert stopped and int(stopped.group(1)) < 2000, log[-4000:]  # stopped in the middle of training
     assert "resumed from" in log and f"at step {stopped.group(1)}" in log
     assert "received SIGUSR1" in job_log and "g1/train_stage1: stopped (exit status 75)" in job_log
     assert f"requeueing job {job}" in job_log and f"job {job} (restart 1)" in job_log
