@@ -34,7 +34,7 @@ from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.checkpoint_dir import StageIdentity, prepare_checkpoint_dir, start_point
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
-                             UpcycleConfig, check_top_k, to_dict)
+                             UpcycleConfig, check_top_k, result_settings)
 from pipeline.corpus import HeldoutSplit, LanguageSource, iter_documents, language_documents, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups
@@ -64,9 +64,11 @@ class StageOptions:
 
 
 def _spec(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path]) -> StageSpec:
-    """Stage ``stage`` of a round, with ``settings`` (a dataclass, or a dict) as the manifest's config slice."""
+    """Stage ``stage`` of a round, with ``settings`` (a dataclass, or a dict) as the manifest's config slice: its
+    result settings (``pipeline.config.result_settings``), so that a run setting in it never re-runs the stage."""
     return StageSpec(stage=stage, round_name=config.rounds[round_index].name,
-                     out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs)
+                     out_dir=stage_dir(config, round_index, stage), config_slice=result_settings(settings),
+                     inputs=inputs)
 
 
 def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],

@@ -351,7 +351,8 @@ def _check_finite(what: str, value: torch.Tensor, step: int, run: TrainingRun) -
             f"non-finite {what} at step {step + 1}; stopping, nothing exported. "
             + (f"The last good checkpoint is {good.tag_dir} (step {good.step}): to continue from it with other "
                f"settings (e.g. a lower learning rate), add --resume-from {good.tag_dir}" if good
-               else "There is no checkpoint from before it."))
+               else "There is no checkpoint from before it: run again with other settings (e.g. a lower learning "
+                    "rate) to start the stage over."))
 
 
 # ----------------------------------------------------------------------------------------------------------

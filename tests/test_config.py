@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, StageTrainConfig, TrainConfig, load_config, result_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,3 +108,10 @@ def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
     path.write_bytes(BASE.replace("name: t", "name: caf\xe9").encode("latin-1"))
     with pytest.raises(ConfigError, match=r"config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset \d+\)"):
         load_config(path)
+
+
+def test_run_settings_are_left_out_of_the_result_settings_at_every_depth():
+    settings = result_settings({"train": TrainConfig(), "seed": 3})
+    assert {"stats_every", "checkpoint_every", "tensorboard", "ep_size"}.isdisjoint(settings["train"])
+    assert settings["train"]["alpha"] == 0.01 and settings["train"]["stage1"]["lr"] == StageTrainConfig().lr
+    assert settings["seed"] == 3
