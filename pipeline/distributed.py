@@ -68,6 +68,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_main(obj):
+    """``obj`` as rank 0 has it, on every rank (``obj`` itself in a single process); a picklable object."""
+    if current().world_size > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process); a picklable object. Also a barrier."""
+    if current().world_size > 1:
+        gathered = [None] * current().world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
 def raise_if_failed_anywhere(error: BaseException | None, what: str) -> None:
     """Collective (every rank calls it): raise ``error`` on the rank that had it, and on the others an error that
     ``what`` failed on another rank, so that no rank waits at a later barrier for one that stopped."""

@@ -78,6 +78,7 @@ class StageSpec:
     out_dir: Path
     config_slice: dict[str, Any]
     inputs: dict[str, Path] = field(default_factory=dict)
+    hashed: dict[str, str] = field(default_factory=dict)  # hash_path of inputs the stage has hashed already, by name
 
     @property
     def label(self) -> str:
@@ -89,7 +90,7 @@ class StageSpec:
         missing = {name: str(p) for name, p in self.inputs.items() if not Path(p).exists()}
         if missing:
             raise LayerMoEError(f"{self.label}: inputs missing: {missing}; run the earlier stages first")
-        return {name: hash_path(p) for name, p in self.inputs.items()}
+        return {name: self.hashed.get(name) or hash_path(p) for name, p in self.inputs.items()}
 
     @property
     def fingerprint(self) -> str:

@@ -93,7 +93,7 @@ def test_changed_corpus_restarts_training_instead_of_resuming_the_stale_checkpoi
     (data / "el.jsonl").write_text("\n".join(lines[::-1]) + "\n")  # the same texts in another order: other batches
     proc = run_cli(["run", str(config), "--until", "train_stage1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "not resuming these checkpoints (the stage's settings or inputs changed: input corpus:el changed)" in proc.stderr
+    assert "not resuming these checkpoints (the stage's settings or inputs changed: input stores changed)" in proc.stderr
     assert "steps 0..4" in proc.stderr  # trained from the start, not "resumed at step 4 of 4"
     [stale] = stale_dirs(tmp_path / "run", "train_stage1")
     assert sorted(p.name for p in stale.glob("step*")) == ["step2", "step4"]  # kept, not deleted
@@ -149,7 +149,7 @@ def test_changing_stats_every_or_checkpoint_every_reruns_nothing_and_keeps_the_c
     run_dir, config = copy_run(finished_run, train_setup, tmp_path)
     proc = run_cli(["run", str(config), "--until", "train_stage2", "train.stats_every=1", "train.checkpoint_every=1",
                     "train.tensorboard=true", "train.ep_size=1"])
-    assert proc.returncode == 0 and proc.stderr.count("up to date") == 5, proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stderr.count("up to date") == 6, proc.stderr[-3000:]
     # interrupted after step 2, resumed with another checkpoint cadence: continues at step 2, same weights
     shutil.rmtree(run_dir / "g1" / "train_stage1")
     shutil.rmtree(run_dir / "g1" / "train_stage1.checkpoints" / "step4")
@@ -457,10 +457,10 @@ def test_a_corrupt_evaluate_cache_entry_is_a_miss_with_a_warning(tmp_path, capsy
 def test_an_empty_or_unreadable_corpus_file_is_one_clear_error(run_config, tmp_path, capsys, content, message):
     bad = tmp_path / "data" / "bad.parquet" if content else tmp_path / "data" / "empty.jsonl"
     bad.write_bytes(content)
-    assert main(["analyze", str(run_config), f"data.sources.el.path={bad}", f"run_dir={tmp_path / 'other'}"]) == 2
+    assert main(["tokenize", str(run_config), f"data.sources.el.path={bad}", f"run_dir={tmp_path / 'other'}"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert str(bad) in line and message in line and "'el'" in line
-    assert not (tmp_path / "other" / "g1" / "analyze").exists()
+    assert not (tmp_path / "other" / "g1" / "tokenize").exists()
 
 
 def test_a_missing_base_model_directory_says_what_is_missing(run_config, tmp_path, capsys):
@@ -504,7 +504,7 @@ def test_a_read_only_stage_directory_is_one_clear_error(run_config, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert f"cannot write {g1}/" in line and "Read-only file system" in line
-    assert sorted(p.name for p in g1.iterdir()) == ["analyze"]
+    assert sorted(p.name for p in g1.iterdir()) == ["analyze", "tokenize"]
 
 
 def tmpfs_kib(path: Path) -> int:

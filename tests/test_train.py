@@ -239,7 +239,7 @@ def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict
     stage1.update(train.pop("stage1", {}))
     stage2.update(train.pop("stage2", {}))
     body = {
-        "name": "t", "run_dir": str(run_dir), "old_languages": ["en"],
+        "name": "t", "run_dir": str(run_dir), "cache_dir": str(root / "cache"), "old_languages": ["en"],
         "rounds": [{"name": "g1", "languages": ["el", "hu"]}],
         "model": {"path": str(root / model)},
         "data": {"builtin_corpus": "none", "sources": {l: {"path": str(root / f"{l}.jsonl")} for l in ("en", "el", "hu")}},
@@ -297,7 +297,8 @@ def step_log(log: str, stage: int) -> dict[int, dict[str, float]]:
 
 
 def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
-    from pipeline.packing import load_tokenizer, pack_documents
+    from pipeline.packing import load_tokenizer
+    from reference_data import pack_documents
 
     model = load_causal_lm(model_dir)
     blocks = pack_documents([(0, t) for t in synthetic_documents(lang, 40, seed=99)], load_tokenizer(model_dir), 48, [lang],
@@ -347,7 +348,7 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
 
     # the whole run is up to date now
     again = run_cli(["run", str(config)])
-    assert again.returncode == 0 and again.stderr.count("up to date") == 6
+    assert again.returncode == 0 and again.stderr.count("up to date") == 7  # tokenize ... evaluate
 
     # the report: perplexity of every model on every language, forgetting, routing, figures
     report = json.loads((g1 / "evaluate" / "report.json").read_text())
