@@ -1,8 +1,13 @@
-"""The ``layermoe`` command: one subcommand per stage, ``run`` for the whole pipeline, and helpers."""
+"""The ``layermoe`` command: one subcommand per stage, ``run`` for the whole pipeline, and helpers.
+
+Exit statuses: 0 done; 2 a problem with the config, the inputs or the environment, named in one line; 75
+stopped by SIGTERM/SIGUSR1 at a safe point (run the same command again to continue); 130 SIGINT
+(``pipeline/stop_signals.py``)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -10,6 +15,7 @@ from pathlib import Path
 
 from pipeline import log
 from pipeline.allocate import allocate_from_similarity_file
+from pipeline.atomic import cannot_write
 from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
 from pipeline.capacity import (DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Hardware, format_capacity, model_config_path,
                                parse_bytes, plan_config)
@@ -23,9 +29,16 @@ from pipeline.plan import format_plan, load_model_config, plan
 from pipeline.ranks import LOOPBACK
 from pipeline.report import compare_runs
 from pipeline.runner import run_pipeline, run_single_stage
-from pipeline.stages import STAGES, get_stage
+from pipeline.stages import STAGES, StageOptions, get_stage
+from pipeline.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED, StopRequested, stop_signals_raise
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. analyze.batch_size=4 rounds.0.languages=[el,hu]"
+RESUME_HELP = ("start the training stage this checkpoint (a .../train_stageN.checkpoints*/stepK directory) belongs to "
+               "from it, even with other settings (e.g. a lower lr after a NaN stop): weights, step and RNG from the "
+               "checkpoint, this run's learning-rate schedule, fresh optimizer moments")
+# file-system errors outside this program's control: one line naming the file, exit status 2
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_ACCESS_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -44,13 +57,18 @@ def _load(args: argparse.Namespace):
     return load_config(path, overrides)
 
 
+def _options(args: argparse.Namespace) -> StageOptions:
+    resume_from = getattr(args, "resume_from", None)
+    return StageOptions(args.force, Path(resume_from) if resume_from else None)
+
+
 def _stage(args: argparse.Namespace) -> None:
     if getattr(args, "similarity", None):
         _allocate_from_file(args)
         return
     config = _load(args)
     with distributed_from_env():
-        run_single_stage(config, get_stage(args.stage_name), args.round, args.force)
+        run_single_stage(config, get_stage(args.stage_name), args.round, _options(args))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -62,7 +80,7 @@ def _run(args: argparse.Namespace) -> None:
     config = _load(args)
     first, last = (args.only, args.only) if args.only else (args.first, args.until)
     with distributed_from_env():
-        run_pipeline(config, force=args.force, first=first, last=last, start_over=args.start_over)
+        run_pipeline(config, _options(args), first=first, last=last, start_over=args.start_over)
 
 
 def _allocate_from_file(args: argparse.Namespace) -> None:
@@ -178,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", metavar="STAGE", help="end each round after this stage")
     p.add_argument("--only", metavar="STAGE", help="run only this stage in each round")
     p.add_argument("--start-over", action="store_true",
-                   help="delete the run directory first (needed when it holds a different experiment)")
+                   help="empty the run directory first (needed when it holds a different experiment); only a "
+                        "directory this project made")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help=RESUME_HELP)
     p.set_defaults(func=_run)
 
     for stage in STAGES:
@@ -186,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--round", help="only this round (by name); default: every round in order")
         p.add_argument("--force", action="store_true", help="re-run even when up to date")
+        if stage.resumable:
+            p.add_argument("--resume-from", metavar="CHECKPOINT", help=RESUME_HELP)
         p.set_defaults(func=_stage, stage_name=stage.name)
         if stage.name == "allocate":
             _add_standalone_allocate_args(p)
@@ -195,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
     p.add_argument("--round", help="only this round (by name); default: every round in order")
     p.add_argument("--force", action="store_true", help="re-run even when up to date")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help=RESUME_HELP)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compare", help="put the final reports of several runs side by side")
@@ -258,13 +281,23 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        args.func(args)
+        with stop_signals_raise():
+            args.func(args)
     except LayerMoEError as e:
         log.error(str(e))
         return 2
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS | NO_ACCESS_ERRNOS or e.filename is None:
+            raise
+        log.error(str(cannot_write(Path(e.filename), e)) if e.errno in NO_SPACE_ERRNOS
+                  else f"cannot write {e.filename}: {e.strerror}")
+        return 2
+    except StopRequested as e:
+        log.error(f"{e}; exit status {EXIT_STOPPED}: run the same command again to continue")
+        return EXIT_STOPPED
     except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+        log.error("interrupted (SIGINT)")
+        return EXIT_INTERRUPTED
     return 0
 
 

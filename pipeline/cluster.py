@@ -1,11 +1,13 @@
 """The command line ``slurm/expand.sh`` runs on the cluster: ``python -m pipeline.cluster preflight|stage``.
 
 * ``preflight CONFIG [KEY=VALUE...]`` checks the config against this node (a config that needs GPUs on a node
-  without any fails before anything is written) and prints what the script needs as ``KEY=VALUE`` lines: the run
+  without any fails before anything is written), makes the run directory (refusing a directory this project
+  did not make: ``pipeline/run_dir.py``) and prints what the script needs as ``KEY=VALUE`` lines: the run
   directory, the rounds, the stages and which of them split over ranks (from the stage table), GPUs and
   processes per node.
 * ``stage STAGE --config C ...`` replaces itself with the DeepSpeed launcher for this node's processes of one
-  stage (``pipeline/launch.py``).
+  stage (``pipeline/launch.py``), which ignores SIGTERM and SIGUSR1 so that they reach the ranks
+  (``pipeline/stop_signals.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pipeline.ds_config import deepspeed_config, precision
 from pipeline.errors import LayerMoEError
 from pipeline.launch import launch_stage_command
 from pipeline.ranks import LOOPBACK
+from pipeline.run_dir import mark_run_dir
 from pipeline.stages import STAGES, get_stage
+from pipeline.stop_signals import launcher_ignores_stop_signals
 
 
 def gpus_on_node() -> int:
@@ -58,6 +62,7 @@ def _preflight(args: argparse.Namespace) -> None:
         raise LayerMoEError(f"this node has no GPUs (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES) but the config "
                             f"needs them: {reason}; nothing was run")
     processes = int(os.environ.get("LAYERMOE_PROCS_PER_NODE") or gpus or config.launch.processes_per_node)
+    mark_run_dir(config)
     print(f"run_dir={config.run_path.resolve()}")
     print(f"rounds={' '.join(r.name for r in config.rounds)}")
     print(f"stages={' '.join(stage.name for stage in STAGES)}")
@@ -73,6 +78,7 @@ def _stage(args: argparse.Namespace) -> None:
                                    master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile,
                                    force=args.force)
     sys.stdout.flush()
+    launcher_ignores_stop_signals()
     os.execv(command[0], command)
 
 

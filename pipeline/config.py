@@ -3,11 +3,19 @@
 One ``RunConfig`` describes a whole lifelong expansion: the base model, the languages it already knows,
 the expansion rounds (each a named group of new languages), where each language's text comes from, and
 the settings of every stage. Every error names the offending field, e.g. ``analyze.batch_size``.
+
+Result settings and run settings. Every field decides what a stage produces (a *result setting*: part of
+the stage's fingerprint, so changing it re-runs the stage and starts its training checkpoints over) unless
+it is declared with :func:`run_setting`: how a run is logged, tracked, checkpointed or laid out over
+processes, which never changes a result. :func:`result_settings` is a settings object without its run
+settings; the stage fingerprints (``pipeline/manifest.py``) and the training checkpoints' fingerprint are made
+from it. A new field is a result setting unless it is declared a run setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -26,6 +34,14 @@ class ConfigError(LayerMoEError):
 
 
 TrainingStage = Literal[1, 2]  # training stage 1 (new experts + routers) or 2 (routers + classifiers)
+
+RUN_SETTING = "run_setting"  # dataclass field metadata key, see run_setting()
+
+
+def run_setting(default: Any) -> Any:
+    """A field that does not decide any result (logging, tracking, checkpoint cadence, layout): left out of
+    stage and checkpoint fingerprints, so changing it re-runs nothing and keeps training checkpoints."""
+    return field(default=default, metadata={RUN_SETTING: True})
 
 
 def default_cache_dir() -> Path:
@@ -145,12 +161,18 @@ class LoraSettings:
 @dataclass
 class TrainConfig:
     """Both training stages (docs/method.md, 2 and 3.4): DeepSpeed settings, loss weights and forms, logging,
-    checkpoints."""
+    checkpoints.
+
+    ``ep_size``, ``loss_chunk_tokens``, ``activation_checkpointing``, ``checkpoint_every``, ``stats_every`` and
+    ``tensorboard`` are run settings (see the module docstring): a layout, memory choices that change only the
+    order of floating-point sums, cadences, tracking; logging and tracking fields added here must be declared with
+    :func:`run_setting` too."""
 
     ds_config: str = "ds_configs/cpu_fp32.json"
-    ep_size: int = 1
-    loss_chunk_tokens: int = 1024  # LM-head cross-entropy this many positions at a time (0: all logits at once)
-    activation_checkpointing: bool = False  # keep only each decoder layer's input; recompute the layer in backward
+    ep_size: int = run_setting(1)  # expert-parallel group size: a layout; checkpoints move between layouts
+    loss_chunk_tokens: int = run_setting(1024)  # LM-head cross-entropy this many positions at a time (0: all at once)
+    # keep only each decoder layer's input and recompute the layer in the backward
+    activation_checkpointing: bool = run_setting(False)
     alpha: float = 0.01  # stage 1 load-balance weight
     gamma: float = 0.1  # stage 2 LPR weight
     beta: float = 0.1  # stage 2 classifier weight
@@ -162,9 +184,9 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_clipping: float = 1.0
     weight_decay: float = 0.0
-    checkpoint_every: int = 0  # optimizer steps between DeepSpeed checkpoints; 0 = only at the end
-    stats_every: int = 10  # steps between routing-statistics reports
-    tensorboard: bool = False
+    checkpoint_every: int = run_setting(0)  # optimizer steps between DeepSpeed checkpoints; 0 = only at the end
+    stats_every: int = run_setting(10)  # steps between routing-statistics reports
+    tensorboard: bool = run_setting(False)
     stage1: StageTrainConfig = field(default_factory=StageTrainConfig)
     stage2: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(
         steps=30, tokens_per_language=50_000, replay_tokens_per_language=25_000))
@@ -385,21 +407,48 @@ def _require(condition: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
-def validate_allocate(a: AllocateConfig, where: str) -> None:
-    """Check allocate settings (``where`` names them in errors, e.g. ``allocate`` or ``rounds[1].allocate``)."""
+def _require_positive(value: float, where: str) -> None:
+    _require(math.isfinite(value) and value > 0, where, f"must be a finite number > 0, got {value}")
+
+
+def _require_non_negative(value: float, where: str) -> None:
+    _require(math.isfinite(value) and value >= 0, where, f"must be a finite number >= 0, got {value}")
+
+
+def _require_at_least(value: int, minimum: int, where: str) -> None:
+    _require(value >= minimum, where, f"must be >= {minimum}, got {value}")
+
+
+def validate_allocate(a: AllocateConfig, where: str, top_k: int | None = None) -> None:
+    """Check allocate settings (``where`` names them in errors, e.g. ``allocate`` or ``rounds[1].allocate``).
+    ``top_k``: checked against a fixed allocation when ``a`` allocates the first round (later rounds add to the
+    experts a layer has), else None."""
     needs = {"reference": "delta", "budget": "budget", "uniform": "experts_per_layer", "explicit": "explicit"}
     _require(getattr(a, needs[a.method]) is not None, f"{where}.{needs[a.method]}",
              f"required when {where}.method is {a.method!r}")
     if a.delta is not None:
-        _require(a.delta > 0, f"{where}.delta", f"must be positive, got {a.delta}")
+        _require_positive(a.delta, f"{where}.delta")
     if a.budget is not None:
-        _require(a.budget > 0, f"{where}.budget", f"must be positive, got {a.budget}")
+        _require_at_least(a.budget, 1, f"{where}.budget")
     if a.experts_per_layer is not None:
         _require(a.experts_per_layer >= 1, f"{where}.experts_per_layer", "must be >= 1 (the original expert)")
     if a.explicit is not None:
         _require(all(n >= 1 for n in a.explicit), f"{where}.explicit", "every layer needs >= 1 expert")
-    _require(a.classifier_count >= 0, f"{where}.classifier_count", "must be >= 0")
-    _require(a.min_new_experts >= 0, f"{where}.min_new_experts", "must be >= 0")
+    _require_at_least(a.classifier_count, 0, f"{where}.classifier_count")
+    _require_at_least(a.min_new_experts, 0, f"{where}.min_new_experts")
+    if a.classifier_layers is not None:
+        _require(all(i >= 0 for i in a.classifier_layers), f"{where}.classifier_layers", "layer indices must be >= 0")
+    fixed = {"uniform": [a.experts_per_layer], "explicit": a.explicit}.get(a.method)
+    if fixed and top_k is not None:
+        check_top_k(top_k, fixed, f"{where}.{needs[a.method]}")
+
+
+def check_top_k(top_k: int, experts_per_layer: list[int], source: str) -> None:
+    """``upcycle.top_k`` must not exceed every layer's expert count (a router picks k of a layer's experts)."""
+    most = max(experts_per_layer)
+    if top_k > most:
+        raise ConfigError(f"upcycle.top_k: {top_k} is larger than every layer's expert count (at most {most} in "
+                          f"{source}); lower upcycle.top_k or allocate more experts")
 
 
 def known_languages(config: RunConfig) -> set[str]:
@@ -415,12 +464,14 @@ def validate(config: RunConfig) -> RunConfig:
     _require(bool(config.name.strip()), "name", "must not be empty")
     _require(len(config.old_languages) > 0, "old_languages", "at least one language the base model knows")
     _require(len(config.rounds) > 0, "rounds", "at least one expansion round")
+    _require(0 <= config.seed < 2**63, "seed", f"must be in [0, 2^63), got {config.seed}")
     known = known_languages(config)
     seen: dict[str, str] = {}
     groups = [("old_languages", config.old_languages)] + [
         (f"rounds[{i}].languages", r.languages) for i, r in enumerate(config.rounds)
     ]
     round_names = set()
+    top_k = config.upcycle.top_k
     for i, r in enumerate(config.rounds):
         _require(r.name not in round_names, f"rounds[{i}].name", f"duplicate round name {r.name!r}")
         _require(r.name.replace("-", "").replace("_", "").isalnum(), f"rounds[{i}].name",
@@ -428,7 +479,7 @@ def validate(config: RunConfig) -> RunConfig:
         round_names.add(r.name)
         _require(len(r.languages) > 0, f"rounds[{i}].languages", "a round needs at least one new language")
         if r.allocate is not None:
-            validate_allocate(r.allocate, f"rounds[{i}].allocate")
+            validate_allocate(r.allocate, f"rounds[{i}].allocate", top_k if i == 0 else None)
     for where, langs in groups:
         for lang in langs:
             _require(lang in known, where,
@@ -444,16 +495,17 @@ def validate(config: RunConfig) -> RunConfig:
     _require(a.tokens_per_language > 0, "analyze.tokens_per_language", "must be positive")
     _require(a.max_length >= 2, "analyze.max_length", "must be >= 2")
     _require(a.batch_size >= 1, "analyze.batch_size", "must be >= 1")
-    validate_allocate(config.allocate, "allocate")
-    _require(config.upcycle.top_k >= 1, "upcycle.top_k", "must be >= 1")
-    _require(config.upcycle.verify_tolerance > 0, "upcycle.verify_tolerance", "must be positive")
+    _require_at_least(top_k, 1, "upcycle.top_k")
+    validate_allocate(config.allocate, "allocate", top_k if config.rounds[0].allocate is None else None)
+    _require_positive(config.upcycle.verify_tolerance, "upcycle.verify_tolerance")
     _require(config.launch.processes_per_node >= 1, "launch.processes_per_node", "must be >= 1")
     ev = config.evaluate
     _require(ev.tokens_per_language >= ev.block_length >= 8, "evaluate.tokens_per_language",
              "must be >= evaluate.block_length >= 8")
     _require(ev.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
-    _require(ev.translation_sentences >= 0 and ev.translation_shots >= 0, "evaluate.translation_sentences",
-             "counts must be >= 0")
+    _require_at_least(ev.translation_sentences, 0, "evaluate.translation_sentences")
+    _require_at_least(ev.translation_shots, 0, "evaluate.translation_shots")
+    _require_at_least(ev.translation_max_new_tokens, 1, "evaluate.translation_max_new_tokens")
     t = config.train
     _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
     _require(t.ep_size == 1 or config.expansion == "moe", "train.ep_size",
@@ -462,14 +514,19 @@ def validate(config: RunConfig) -> RunConfig:
     _require(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
     _require(bool(t.lora.target_modules), "train.lora.target_modules", "must name at least one module")
     _require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0: no chunking)")
+    for name in ("alpha", "gamma", "beta", "gradient_clipping", "weight_decay"):
+        _require_non_negative(getattr(t, name), f"train.{name}")
+    _require_at_least(t.checkpoint_every, 0, "train.checkpoint_every")
+    _require_at_least(t.stats_every, 1, "train.stats_every")
     for name in ("stage1", "stage2"):
         st: StageTrainConfig = getattr(t, name)
         for key in ("steps", "micro_batch_size", "gradient_accumulation", "tokens_per_language"):
             _require(getattr(st, key) >= 1, f"train.{name}.{key}", "must be >= 1")
         _require(st.block_length >= 8, f"train.{name}.block_length", "must be >= 8")
-        _require(st.lr > 0, f"train.{name}.lr", "must be positive")
+        _require_positive(st.lr, f"train.{name}.lr")
         _require(0 <= st.warmup_steps <= st.steps, f"train.{name}.warmup_steps", "must be in [0, steps]")
         _require(0 <= st.min_lr_ratio <= 1, f"train.{name}.min_lr_ratio", "must be in [0, 1]")
+        _require_at_least(st.replay_tokens_per_language, 0, f"train.{name}.replay_tokens_per_language")
     return config
 
 
@@ -484,7 +541,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -511,6 +571,19 @@ def apply_recipe(data: dict) -> None:
                 break
         else:
             node.setdefault(last, value)
+
+
+def result_settings(obj: Any) -> Any:
+    """Plain-data form of a settings object without its run settings (see the module docstring), at every depth:
+    what decides a result."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: result_settings(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get(RUN_SETTING)}
+    if isinstance(obj, dict):
+        return {k: result_settings(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [result_settings(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
 
 
 def to_dict(obj: Any) -> Any:

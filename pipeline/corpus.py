@@ -144,10 +144,11 @@ def _data_files(path: Path) -> list[str]:
     return [str(path)]
 
 
-def _raw_texts(source: LanguageSource) -> Iterator[str]:
+def _open_dataset(source: LanguageSource):
+    """The rows of ``source`` as a ``datasets`` dataset (streamed, except saved datasets)."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors become one LayerMoEError line
     datasets.disable_progress_bars()
     if source.format == "dataset":
         ds = datasets.load_from_disk(str(source.path))
@@ -155,22 +156,27 @@ def _raw_texts(source: LanguageSource) -> Iterator[str]:
             if "train" not in ds:
                 raise LayerMoEError(f"saved dataset {str(source.path)!r} has no 'train' split: {list(ds)}")
             ds = ds["train"]
-    else:
-        builder = {"jsonl": "json", "text": "text", "parquet": "parquet"}[source.format]
-        kwargs = {"sample_by": source.text_sample_by} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=_data_files(source.path), split="train",
-                                   streaming=True, **kwargs)
+        return ds
+    builder = {"jsonl": "json", "text": "text", "parquet": "parquet"}[source.format]
+    kwargs = {"sample_by": source.text_sample_by} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=_data_files(source.path), split="train", streaming=True, **kwargs)
+
+
+def _raw_texts(source: LanguageSource) -> Iterator[str]:
     column = "text" if source.format == "text" else source.field
+    where = f"corpus {str(source.path)!r} for {source.language!r}"
+    if all(Path(f).stat().st_size == 0 for f in _data_files(source.path)) and source.format != "dataset":
+        raise LayerMoEError(f"{where} is empty")
     try:
-        for row in ds:
+        for row in _open_dataset(source):
             if column not in row:
-                raise LayerMoEError(f"corpus {str(source.path)!r} for {source.language!r}: records have no "
-                                    f"field {column!r} (fields: {sorted(row)}); set data.sources.{source.language}.field")
+                raise LayerMoEError(f"{where}: records have no field {column!r} (fields: {sorted(row)}); set "
+                                    f"data.sources.{source.language}.field")
             yield row[column]
     except LayerMoEError:
         raise
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise LayerMoEError(f"cannot read corpus {str(source.path)!r} for {source.language!r}: {e}") from e
+    except Exception as e:  # datasets and pyarrow raise many types for unreadable files
+        raise LayerMoEError(f"cannot read {where} as {source.format}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def is_heldout(text: str, fraction: float, seed: int) -> bool:

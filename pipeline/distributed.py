@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import LayerMoEError
 from pipeline.ranks import discover_ranks, use_local_device
 
 
@@ -46,6 +47,13 @@ def distributed_from_env() -> Iterator[DistInfo]:
     finally:
         if not existed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must be: this rank's GPU under NCCL, else the CPU."""
+    if current().world_size > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,3 +103,13 @@ def run_on_main(work: Callable[[], Any], others: Any) -> Any:
     finally:
         dist.destroy_process_group(group)
     return result
+
+
+def raise_if_failed_anywhere(error: BaseException | None, what: str) -> None:
+    """Collective (every rank calls it): raise ``error`` on the rank that had it, and on the others an error that
+    ``what`` failed on another rank, so that no rank waits at a later barrier for one that stopped."""
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=collective_device()))
+    if error is not None:
+        raise error
+    if float(failed) > 0:
+        raise LayerMoEError(f"{what} failed on another rank (its message says why)")

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -144,6 +144,9 @@ def score_blocks(model: torch.nn.Module, blocks: torch.Tensor, is_original: bool
     return LanguageScore(math.exp(loss_sum / count), int(count), stats.summary() if expanded else None)
 
 
+T = TypeVar("T")
+
+
 class ResultCache:
     """Per (model, language, settings) results shared by the evaluate stages of all rounds of a run, so a
     model scored in round 1 is not scored again in round 2. Keys hash the model directory's content."""
@@ -158,9 +161,17 @@ class ResultCache:
         blob = json.dumps([self._model_hashes[model_path], *parts], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, parse: Callable[[dict], T]) -> T | None:
+        """The cached result under ``key`` read with ``parse``, or None. An unreadable entry (a corrupt file) is a
+        miss, with a warning: the result is computed again and the entry rewritten."""
         path = self.root / f"{key}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return parse(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+            log.warn(f"evaluate cache entry {path} is unreadable ({type(e).__name__}: {str(e)[:100]}); computing it again")
+            return None
 
     def put(self, key: str, value: dict) -> None:
         if distributed.current().is_main:
@@ -312,9 +323,9 @@ def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: 
                     ood: bool = False) -> LanguageScore:
     """One language's score (held-out, or out-of-domain with ``ood``), from the cache or computed."""
     key = scoring.ood_perplexity_key(m.path, lang) if ood else scoring.perplexity_key(m.path, lang)
-    cached = scoring.cache.get(key)
+    cached = scoring.cache.get(key, LanguageScore.from_json)
     if cached is not None:
-        return LanguageScore.from_json(cached)
+        return cached
     blocks = scoring.ood_blocks[lang] if ood else scoring.blocks[lang]
     score = score_blocks(model(), blocks, lang in scoring.languages.old, scoring.settings.batch_size)
     scoring.cache.put(key, score.to_json())
@@ -327,9 +338,9 @@ def _translations(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: Ev
     scores = {}
     for lang in scoring.languages.new:
         key = scoring.translation_key(m.path, lang)
-        cached = scoring.cache.get(key)
+        cached = scoring.cache.get(key, TranslationScore.from_json)
         if cached is not None:
-            scores[lang] = TranslationScore.from_json(cached)
+            scores[lang] = cached
         else:
             examples, tests = translation_pairs(scoring.config, lang, e.translation_sentences, e.translation_shots)
             if not tests:

@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from pipeline.atomic import atomic_directory
+from pipeline.atomic import atomic_directory, cannot_write
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.token_store import TOKENIZER_FILES as ENCODING_FILES
 
@@ -25,18 +26,21 @@ def export_model(model: torch.nn.Module, out_dir: Path, tokenizer_from: Path | N
     """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json, the tokenizer files found in
     ``tokenizer_from``; for an expanded model also ``auto_map`` in config.json and the modeling code (so
     ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package). A
-    dense model (the dense baselines) is saved as the plain HF model it is."""
+    dense model (the dense baselines) is saved as the plain HF model it is. A failed write is an error naming it."""
     expanded = isinstance(model, LayerMoEForCausalLM)
     if expanded:
         model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
                                  "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
         model.config.architectures = ["LayerMoEForCausalLM"]
-    with atomic_directory(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp)
-        for name in MODELING_FILES if expanded else ():
-            shutil.copyfile(MODELING_DIR / name, tmp / name)
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
-                    shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+    try:
+        with atomic_directory(Path(out_dir)) as tmp:
+            model.save_pretrained(tmp)
+            for name in MODELING_FILES if expanded else ():
+                shutil.copyfile(MODELING_DIR / name, tmp / name)
+            if tokenizer_from is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
+                        shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. a full disk; nothing of out_dir changed
+        raise cannot_write(out_dir, e) from None
     return Path(out_dir)

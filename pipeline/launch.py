@@ -3,6 +3,9 @@
 The caller names the stage and gives its entry point (the ``stages/`` script and its fixed arguments, from the
 stage table in ``pipeline/stages.py``); this module only builds and runs the launcher's command line. How the
 started processes find their ranks is ``pipeline/ranks.py``; the Slurm side is ``pipeline/cluster.py``.
+
+The launcher is kept from acting on stop signals (it would kill the ranks); this process forwards them to the
+ranks, which stop at a safe point (``pipeline/stop_signals.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Sequence
 from pipeline import log
 from pipeline.errors import LayerMoEError
 from pipeline.ranks import LOOPBACK, free_port
+from pipeline.stop_signals import (EXIT_STOPPED, StopRequested, forwarding_stop_signals,
+                                   launcher_ignores_stop_signals)
 
 
 class StageProcessesFailed(LayerMoEError):
@@ -29,7 +34,8 @@ class StageProcessesFailed(LayerMoEError):
 def launch_stage_command(entry: Sequence[str], config_path: str | Path, round_name: str | None = None,
                          overrides: Sequence[str] = (), processes_per_node: int = 1, *, nodes: int = 1,
                          node_rank: int = 0, master_addr: str = LOOPBACK, master_port: int | None = None,
-                         hostfile: str | Path | None = None, force: bool = False) -> list[str]:
+                         hostfile: str | Path | None = None, force: bool = False,
+                         resume_from: str | Path | None = None) -> list[str]:
     """The DeepSpeed-launcher command that runs a stage's ``entry`` (its script's path and fixed arguments,
     e.g. ``[.../stages/train.py, --stage, 1]``) in ``processes_per_node`` processes on this node.
 
@@ -52,22 +58,33 @@ def launch_stage_command(entry: Sequence[str], config_path: str | Path, round_na
         command += ["--round", round_name]
     if force:
         command.append("--force")
+    if resume_from is not None:
+        command += ["--resume-from", str(resume_from)]
     return command + list(overrides)
 
 
 def run_stage_in_processes(stage_name: str, entry: Sequence[str], config_path: str | Path, round_name: str | None,
-                           overrides: Sequence[str], num_processes: int, force: bool = False) -> None:
+                           overrides: Sequence[str], num_processes: int, force: bool = False,
+                           resume_from: str | Path | None = None) -> None:
     """Run a stage (its ``entry``, see :func:`launch_stage_command`; for one round, or every ready round when
     ``round_name`` is None) in ``num_processes`` local processes through the DeepSpeed launcher; its output goes
-    straight to this process's stdout/stderr.
+    straight to this process's stdout/stderr. Stop signals to this process are forwarded to the ranks.
 
-    Raises :class:`StageProcessesFailed` (a ``LayerMoEError``) with the exit code when the stage fails.
+    Raises :class:`StageProcessesFailed` (a ``LayerMoEError``) with the exit code when the stage fails, and
+    :class:`~pipeline.stop_signals.StopRequested` when the ranks stopped on a stop signal.
     Call it from a single process: the launcher starts the ranks itself.
     """
-    command = launch_stage_command(entry, config_path, round_name, overrides, num_processes, force=force)
+    command = launch_stage_command(entry, config_path, round_name, overrides, num_processes, force=force,
+                                   resume_from=resume_from)
     where = stage_name + (f" ({round_name})" if round_name else "")
     log.info(f"{where}: {num_processes} processes: {shlex.join(command)}")
-    returncode = subprocess.run(command).returncode
+    process = subprocess.Popen(command, start_new_session=True, preexec_fn=launcher_ignores_stop_signals)
+    with forwarding_stop_signals(process) as stop:
+        returncode = process.wait()
+    if stop.interrupted:
+        raise KeyboardInterrupt
+    if returncode == EXIT_STOPPED or (stop.signal_name and returncode != 0):
+        raise StopRequested(f"{where}: stopped by {stop.describe()} (the processes exited with status {returncode})")
     if returncode != 0:
         raise StageProcessesFailed(f"{where} failed in {num_processes} processes with exit code {returncode}",
                                    returncode)

@@ -2,19 +2,24 @@
 
 A round after the first starts from the previous round's trained model, so the loop stops (without an error)
 before a round whose input model does not exist yet. Finished stages are skipped by the stages themselves.
+Every command holds the run directory (``pipeline.run_dir.claimed_run_dir``: its lock, its marker) while it runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Iterator
 
 from pipeline import distributed, log
+from pipeline.checkpoint_dir import checkpoint_stage, resumed_from_request
 from pipeline.config import RunConfig
+from pipeline.errors import LayerMoEError
 from pipeline.eval_report import read_report
 from pipeline.launch import run_stage_in_processes
 from pipeline.report import short_table
-from pipeline.run_dir import RoundNotReady, claim_run_dir, round_input_model, stage_dir
-from pipeline.stages import STAGE_NAMES, STAGES, Stage, get_stage
+from pipeline.run_dir import RoundNotReady, claimed_run_dir, round_input_model, stage_dir
+from pipeline.stages import STAGE_NAMES, STAGES, Stage, StageOptions, get_stage
 
 
 def ready_rounds(config: RunConfig) -> Iterator[int]:
@@ -39,30 +44,64 @@ def select_stages(first: str | None = None, last: str | None = None) -> tuple[St
     return STAGES[start:end]
 
 
-def run_single_stage(config: RunConfig, stage: Stage, round_name: str | None = None, force: bool = False) -> None:
+def resume_target(config: RunConfig, checkpoint: Path, stages: tuple[Stage, ...]) -> tuple[int, str]:
+    """The (round index, stage name) that ``--resume-from checkpoint`` starts, among ``stages``: the stage the
+    checkpoint belongs to, or, when it is no longer there (a rerun after it was moved aside), the stage whose
+    checkpoints were started from it."""
+    targets = [(r, stage.name) for r in range(len(config.rounds)) for stage in stages if stage.resumable]
+    if checkpoint.exists():
+        label = checkpoint_stage(checkpoint.resolve())
+    else:
+        started = [(r, name) for r, name in targets
+                   if resumed_from_request(stage_dir(config, r, f"{name}.checkpoints")) == str(checkpoint.resolve())]
+        if not started:
+            raise LayerMoEError(f"--resume-from: checkpoint {checkpoint} does not exist")
+        label = f"{config.rounds[started[0][0]].name}/{started[0][1]}"
+    for r, name in targets:
+        if label == f"{config.rounds[r].name}/{name}":
+            return r, name
+    raise LayerMoEError(f"--resume-from {checkpoint}: a checkpoint of {label or 'an unknown stage'}, which this command "
+                        f"does not run (it runs {[f'{config.rounds[r].name}/{n}' for r, n in targets] or 'no training'}"
+                        f"); name the stage with `layermoe train --stage N --round R --resume-from ...`")
+
+
+def _options_for(options: StageOptions, target: tuple[int, str] | None, round_index: int, stage: Stage) -> StageOptions:
+    """``options`` for one stage of one round: ``resume_from`` only for the stage it starts."""
+    return options if target == (round_index, stage.name) else replace(options, resume_from=None)
+
+
+def run_single_stage(config: RunConfig, stage: Stage, round_name: str | None = None,
+                     options: StageOptions = StageOptions()) -> None:
     """One stage, for the round called ``round_name`` or for every ready round, in this process (and the others
-    of the launcher that started it)."""
-    claim_run_dir(config)
-    rounds = [config.round_index(round_name)] if round_name else ready_rounds(config)
-    for r in rounds:
-        stage.run(config, r, force)
+    of the launcher that started it). With ``options.resume_from`` and no round, the checkpoint's round."""
+    with claimed_run_dir(config):
+        target = None
+        if options.resume_from is not None:
+            target = (config.round_index(round_name), stage.name) if round_name else \
+                resume_target(config, options.resume_from, (stage,))
+        rounds = [config.round_index(round_name)] if round_name else ready_rounds(config)
+        for r in rounds:
+            stage.run(config, r, _options_for(options, target, r, stage))
 
 
-def run_pipeline(config: RunConfig, force: bool = False, first: str | None = None, last: str | None = None,
-                 start_over: bool = False) -> None:
+def run_pipeline(config: RunConfig, options: StageOptions = StageOptions(), first: str | None = None,
+                 last: str | None = None, start_over: bool = False) -> None:
     """Every stage of every ready round, in order; finished stages are skipped. ``first``/``last`` restrict
     the stages run in each round (``--from``, ``--until``; both = ``--only``). With
     ``launch.processes_per_node > 1`` the stages that split over ranks run under the DeepSpeed launcher."""
     selected = select_stages(first, last)
-    claim_run_dir(config, start_over)
-    processes = config.launch.processes_per_node
-    for r in ready_rounds(config):
-        for stage in selected:
-            if stage.splits_over_ranks and processes > 1 and distributed.current().world_size == 1:
-                run_stage_in_processes(stage.name, stage.entry_argv, config.run_path / "config.json",
-                                       config.rounds[r].name, [], processes, force)
-            else:
-                stage.run(config, r, force)
+    with claimed_run_dir(config, start_over):
+        target = resume_target(config, options.resume_from, selected) if options.resume_from is not None else None
+        processes = config.launch.processes_per_node
+        for r in ready_rounds(config):
+            for stage in selected:
+                stage_options = _options_for(options, target, r, stage)
+                if stage.splits_over_ranks and processes > 1 and distributed.current().world_size == 1:
+                    run_stage_in_processes(stage.name, stage.entry_argv, config.run_path / "config.json",
+                                           config.rounds[r].name, [], processes, stage_options.force,
+                                           stage_options.resume_from)
+                else:
+                    stage.run(config, r, stage_options)
     report_md = stage_dir(config, len(config.rounds) - 1, "evaluate") / "report.md"
     if report_md.exists() and any(stage.name == "evaluate" for stage in selected):
         report = read_report(report_md.with_name("report.json"))

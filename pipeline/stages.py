@@ -21,9 +21,8 @@ disagree::
 from __future__ import annotations
 
 import functools
-import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +33,9 @@ from pipeline.allocate import allocate, read_allocation, write_allocation
 from pipeline.analyze import language_means
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
+from pipeline.checkpoint_dir import StageIdentity, prepare_checkpoint_dir, start_point
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
-                             UpcycleConfig, to_dict)
+                             UpcycleConfig, check_top_k, result_settings)
 from pipeline.corpus import LanguageSource, Split, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups
@@ -52,21 +52,36 @@ from pipeline.similarity import Similarity, group_similarities, layer_scores, pa
 from pipeline.store_index import STORES_FILE, StoreEntry, StoreIndex
 from pipeline.token_store import TOKENIZER_FILES, TokenStore, tokenizer_fingerprint
 from pipeline.tokenize_corpus import language_stores
-from pipeline.train import describe_settings, init_deepspeed_distributed, train_stage
+from pipeline.train import init_deepspeed_distributed, train_stage, training_settings
 from pipeline.training_data import stage_languages
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 
 
+@dataclass(frozen=True)
+class StageOptions:
+    """How a command asks a stage to run: ``force`` re-runs it even when it is done; ``resume_from`` (training
+    stages) starts it from that checkpoint, an explicit choice (see ``pipeline/checkpoint_dir.py``)."""
+
+    force: bool = False
+    resume_from: Path | None = None
+
+
+def _spec(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],
+          hashed: dict[str, str] | None = None) -> StageSpec:
+    """Stage ``stage`` of a round, with ``settings`` (a dataclass, or a dict) as the manifest's config slice: its
+    result settings (``pipeline.config.result_settings``), so that a run setting in it never re-runs the stage."""
+    return StageSpec(stage=stage, round_name=config.rounds[round_index].name,
+                     out_dir=stage_dir(config, round_index, stage), config_slice=result_settings(settings),
+                     inputs=inputs, hashed=hashed or {})
+
+
 def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],
-         body: Callable[[Path | None], dict], force: bool, hashed: dict[str, str] | None = None) -> Path:
-    """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``), with ``settings`` (a
-    dataclass, or a dict) as the manifest's config slice; ``hashed``: hashes of inputs computed already."""
-    spec = StageSpec(stage=stage, round_name=config.rounds[round_index].name,
-                     out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs,
-                     hashed=hashed or {})
-    return run_stage(spec, body, force)
+         body: Callable[[Path | None], dict], options: StageOptions, hashed: dict[str, str] | None = None) -> Path:
+    """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``); ``hashed``: hashes of
+    inputs computed already."""
+    return run_stage(_spec(config, round_index, stage, settings, inputs, hashed), body, options.force)
 
 
 def _stores_input(config: RunConfig, round_index: int, stage: str) -> Path:
@@ -111,7 +126,7 @@ class TokenizeSettings:
     split: HeldoutSplit
 
 
-def run_tokenize(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_tokenize(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """tokenize: every (language, split) the round's later stages read (train and held-out split of every language
     so far) into token stores with the round's input model's tokenizer (stores already in the cache, from another
     round or run, are not tokenized again); stores.json lists them."""
@@ -123,11 +138,11 @@ def run_tokenize(config: RunConfig, round_index: int, force: bool = False) -> Pa
     inputs = {**{f"corpus:{lang}": source.path for lang, source in sources.items()},
               **{f"tokenizer:{name}": model_path / name for name in TOKENIZER_FILES if (model_path / name).is_file()}}
     listed = stores_file(config, round_index)
-    if listed.is_file() and not force and _listed_store_missing(listed):
+    if listed.is_file() and not options.force and _listed_store_missing(listed):
         log.info(f"{config.rounds[round_index].name}/tokenize: a store listed in {listed} is gone; tokenizing again")
-        force = True
+        options = replace(options, force=True)
     body = functools.partial(_tokenize, config, round_index, model_path, sources, corpus_hashes)
-    return _run(config, round_index, "tokenize", settings, inputs, body, force,
+    return _run(config, round_index, "tokenize", settings, inputs, body, options,
                 hashed={f"corpus:{lang}": h for lang, h in corpus_hashes.items()})
 
 
@@ -185,7 +200,7 @@ class AnalyzeSettings:
     model_dtype: str
 
 
-def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_analyze(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """analyze: similarity.json + similarity.png for one round, from the train-split stores of its languages."""
     if (skipped := _skipped_for_dense(config, round_index, "analyze")) is not None:
         return skipped
@@ -195,7 +210,7 @@ def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Pat
     settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype)
     body = functools.partial(_analyze, settings, config.rounds[round_index].name, model_path, stores,
                              config.model.device)
-    return _run(config, round_index, "analyze", settings, {"model": model_path, "stores": stores}, body, force)
+    return _run(config, round_index, "analyze", settings, {"model": model_path, "stores": stores}, body, options)
 
 
 def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, stores_path: Path, device: str,
@@ -232,7 +247,7 @@ class AllocateSettings:
     allocate: AllocateConfig
 
 
-def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_allocate(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """allocate: allocation.json + allocation.png for one round, from that round's similarity.json."""
     if (skipped := _skipped_for_dense(config, round_index, "allocate")) is not None:
         return skipped
@@ -242,12 +257,13 @@ def run_allocate(config: RunConfig, round_index: int, force: bool = False) -> Pa
     if not similarity_file.is_file():
         raise LayerMoEError(f"allocate {config.rounds[round_index].name}: {similarity_file} does not exist; run the "
                             f"analyze stage first")
-    body = functools.partial(_allocate, settings, config.rounds[round_index], model_path, similarity_file)
+    body = functools.partial(_allocate, settings, config.rounds[round_index], model_path, similarity_file,
+                             config.upcycle.top_k)
     return _run(config, round_index, "allocate", settings,
-                {"similarity": similarity_file, "model_config": model_path / "config.json"}, body, force)
+                {"similarity": similarity_file, "model_config": model_path / "config.json"}, body, options)
 
 
-def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, similarity_file: Path,
+def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, similarity_file: Path, top_k: int,
               out: Path | None) -> dict:
     model_config = read_model_config(model_path)
     existing = model_config.get("experts_per_layer")  # an expanded model grows by this round's experts
@@ -256,6 +272,7 @@ def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, si
     scores = layer_scores(sim.pairs, sim.old, sim.new, settings.allocate.aggregation)
     result = allocate(settings.allocate, scores, base_config["num_hidden_layers"])
     totals = [e + n - 1 for e, n in zip(existing, result.experts_per_layer)] if existing else result.experts_per_layer
+    check_top_k(model_config["num_experts_per_tok"] if existing else top_k, totals, f"the allocation of {rnd.name}")
     params = plan(base_config, totals, result.classifier_layers)
     log.info(f"allocate {rnd.name}: {result.method} -> experts per layer {result.experts_per_layer} "
              f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
@@ -291,7 +308,7 @@ def verification_text(stores_path: Path, model_path: Path, languages: list[str],
     return torch.tensor([ids])
 
 
-def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_upcycle(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
     model, checked to compute the same logits on a sample of the round's stores; later rounds: grow the previous
     round's model)."""
@@ -304,7 +321,7 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
     verification = functools.partial(verification_text, stores_file(config, round_index), model_path, sample_languages)
     body = functools.partial(_upcycle, settings, config.rounds[round_index], model_path, allocation_file, verification)
     return _run(config, round_index, "upcycle", settings, {"model": model_path, "allocation": allocation_file},
-                body, force)
+                body, options)
 
 
 def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allocation_file: Path,
@@ -322,8 +339,12 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
     summary: dict = {"experts_per_layer": None}
     if isinstance(model, LayerMoEForCausalLM):
         log.info(f"upcycle {rnd.name}: growing {model_path} by {sum(allocation.new_experts_per_layer)} experts")
+        check_top_k(model.config.num_experts_per_tok,
+                    [e + n - 1 for e, n in zip(model.config.experts_per_layer, allocation.experts_per_layer)],
+                    f"{allocation_file} grown onto {model_path}")
         expanded = grow(model, expansion, keep_router_rows=u.keep_router_rows, seed=settings.seed)
     else:
+        check_top_k(u.top_k, allocation.experts_per_layer, str(allocation_file))
         log.info(f"upcycle {rnd.name}: {sum(allocation.new_experts_per_layer)} new experts, "
                  f"classifiers in layers {allocation.classifier_layers}")
         sample = verification()
@@ -350,7 +371,7 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, force: bool = False) -> Path:
+def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage, options: StageOptions) -> Path:
     """train_stage1 / train_stage2: train the previous stage's model, export the result as an HF directory. Stage 1
     starts from the upcycled model (a dense baseline: from the round's input model)."""
     name = f"train_stage{training_stage}"
@@ -359,43 +380,45 @@ def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage
     else:
         model_in = stage_dir(config, round_index, "upcycle" if training_stage == 1 else "train_stage1") / "model"
     if not model_in.is_dir():
-        raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: input model {model_in} does not exist; run "
-                            f"the earlier stages first")
-    settings = describe_settings(config, training_stage)
-    stores = _stores_input(config, round_index, name)
+        raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: its input model {model_in} does not exist; "
+                            f"run the {'upcycle' if training_stage == 1 else 'train_stage1'} stage first")
+    settings = training_settings(config, round_index, training_stage)
+    spec = _spec(config, round_index, name, settings, {"model": model_in, "stores": _stores_input(config, round_index, name)})
     checkpoints = stage_dir(config, round_index, f"{name}.checkpoints")
-    body = functools.partial(_train, config, round_index, training_stage, settings, model_in, checkpoints)
-    return _run(config, round_index, name, settings, {"model": model_in, "stores": stores}, body, force)
+    body = functools.partial(_train, config, round_index, training_stage, spec, options.resume_from, model_in,
+                             checkpoints)
+    return run_stage(spec, body, options.force)
 
 
-def run_train_stage1(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_train_stage1(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """train_stage1: this round's new experts and the routers, on the new languages."""
-    return run_train(config, round_index, 1, force)
+    return run_train(config, round_index, 1, options)
 
 
-def run_train_stage2(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_train_stage2(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """train_stage2: routers and classifiers, on the new languages plus replay of the earlier ones."""
-    return run_train(config, round_index, 2, force)
+    return run_train(config, round_index, 2, options)
 
 
-def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, settings: dict, model_in: Path,
-           checkpoints: Path, out: Path | None) -> dict:
-    """Train on every rank; the checkpoints of other settings (``fingerprint.json``) are discarded first."""
+def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, spec: StageSpec,
+           resume_from: Path | None, model_in: Path, checkpoints: Path, out: Path | None) -> dict:
+    """Train on every rank, from where the stage's checkpoint directory says (``pipeline/checkpoint_dir.py``)."""
     init_deepspeed_distributed()
-    marker = checkpoints / "fingerprint.json"
-    if distributed.current().is_main:  # only rank 0 looks: the others would race with its writes
-        if checkpoints.exists() and (not marker.exists() or json.loads(marker.read_text()) != settings):
-            log.warn(f"{checkpoints} belongs to other settings; starting train_stage{training_stage} from scratch")
-            shutil.rmtree(checkpoints)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        write_json(marker, settings)
-    distributed.barrier()
-    result = train_stage(config, round_index, training_stage, model_in, checkpoints, out / "model" if out else None)
+    identity = StageIdentity(spec.label, spec.fingerprint, spec.config_slice, spec.input_hashes)
+    error = None
+    if distributed.current().is_main:  # only rank 0 prepares: the others would race with its writes
+        try:
+            prepare_checkpoint_dir(checkpoints, identity, resume_from)
+        except Exception as e:
+            error = e
+    distributed.raise_if_failed_anywhere(error, f"preparing {checkpoints}")
+    result = train_stage(config, round_index, training_stage, model_in, checkpoints, start_point(checkpoints),
+                         out / "model" if out else None)
     if out is not None and (checkpoints / "routing_stats.json").exists():
         shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
             "peak_memory_gib": result.peak_memory_gib, "memory_before_model_gib": result.memory_before_model_gib,
-            "trained_parameters": result.trained_parameters}
+            "trained_parameters": result.trained_parameters, "resumed_from": str(resume_from) if resume_from else None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,7 +446,7 @@ def evaluated_models(config: RunConfig, round_index: int) -> list[EvalModel]:
     return models
 
 
-def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Path:
+def run_evaluate(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """evaluate: the base model and every model of the run up to this round, on every language so far."""
     models = evaluated_models(config, round_index)
     known = config.languages_before(round_index + 1)
@@ -434,7 +457,7 @@ def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Pa
     ood = {f"ood:{lang}": source.path for lang in languages.all if (source := ood_source(config, lang)) is not None}
     body = functools.partial(_evaluate, config, round_index, models, languages, stores)
     return _run(config, round_index, "evaluate", settings,
-                {**{f"model:{m.label}": m.path for m in models}, "stores": stores, **ood}, body, force)
+                {**{f"model:{m.label}": m.path for m in models}, "stores": stores, **ood}, body, options)
 
 
 def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,
@@ -479,10 +502,11 @@ class Stage:
     """One pipeline stage."""
 
     name: str
-    run: Callable[[RunConfig, int, bool], Path]  # run(config, round_index, force) -> the stage directory
+    run: Callable[[RunConfig, int, StageOptions], Path]  # run(config, round_index, options) -> the stage directory
     splits_over_ranks: bool  # started in several processes, it splits its work over them
     help: str
     entry: tuple[str, ...]  # its script in stages/ and the script's fixed arguments
+    resumable: bool = False  # it saves checkpoints, and can start from one (--resume-from)
 
     @property
     def entry_argv(self) -> list[str]:
@@ -500,9 +524,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("upcycle", run_upcycle, False, "round's input model + allocation -> expanded MoE model (HF directory)",
           ("upcycle.py",)),
     Stage("train_stage1", run_train_stage1, True, "train new experts + routers on the new languages (DeepSpeed)",
-          ("train.py", "--stage", "1")),
+          ("train.py", "--stage", "1"), resumable=True),
     Stage("train_stage2", run_train_stage2, True, "train routers + classifiers on new + replay text (DeepSpeed)",
-          ("train.py", "--stage", "2")),
+          ("train.py", "--stage", "2"), resumable=True),
     Stage("evaluate", run_evaluate, True, "perplexity, forgetting, routing, translation -> report.json / report.md",
           ("evaluate.py",)),
 )

@@ -36,7 +36,8 @@ from safetensors import SafetensorError
 from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
-from pipeline.config import RunConfig, StageTrainConfig, TrainingStage, to_dict
+from pipeline.checkpoint_dir import StartPoint
+from pipeline.config import RunConfig, StageTrainConfig, TrainingStage, result_settings
 from pipeline.dense_expansion import merged_model, prepare_dense_model
 from pipeline.distributed import DistInfo
 from pipeline.ds_config import deepspeed_config, precision
@@ -50,15 +51,16 @@ from pipeline.memory import memory_in_use_gib, peak_memory_gib, return_freed_mem
 from pipeline.ranks import LOOPBACK, discover_ranks, free_port, use_local_device
 from pipeline.routing_stats import LayerRouting, RoutingStats, routing_to_json
 from pipeline.run_dir import stores_file
+from pipeline.stop_signals import StopRequested, deferred_stop_requests
 from pipeline.store_index import StoreIndex
-from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, expert_shards, latest_checkpoint,
-                                          save_checkpoint)
+from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, complete_checkpoints, expert_shards,
+                                          newest_complete_checkpoint, save_checkpoint)
 from pipeline.training_data import StageMix, build_stage_mix, stage_languages
 from pipeline.upcycle import parameter_roles, set_trainable
 
 
 class TrainingDiverged(LayerMoEError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient norm became NaN or infinite."""
 
 
 def trainable_roles(training_stage: TrainingStage, round_number: int) -> list[str]:
@@ -87,14 +89,33 @@ def init_deepspeed_distributed() -> None:
 TRAINING_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # by DeepSpeed precision
 
 
-def describe_settings(config: RunConfig, training_stage: TrainingStage) -> dict:
-    """The config slice a training stage depends on (for its manifest)."""
-    # layout and memory choices, not settings of the result: checkpoints move between layouts, and chunking the
-    # loss or recomputing activations changes only the order of floating-point sums
-    excluded = ("stage1", "stage2", "ep_size", "loss_chunk_tokens", "activation_checkpointing")
-    return {"train": {k: v for k, v in to_dict(config.train).items() if k not in excluded},
-            "stage": to_dict(config.train.for_stage(training_stage)), "seed": config.seed,
-            "expansion": config.expansion}
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What decides a training stage's result besides the content of its inputs (the input model, and the data:
+    the round's stores.json, which names every token store by the corpus, split and tokenizer it holds): its
+    manifest's config slice, and with them its checkpoints' fingerprint (``pipeline/checkpoint_dir.py``). Run
+    settings (``pipeline.config.run_setting``: logging, tracking, checkpoint cadence, ``ep_size``) are not part
+    of it."""
+
+    train: dict  # the result settings of ``train`` but the stages' schedules and the DeepSpeed config's path
+    stage: dict  # this stage's schedule and data sizes
+    ds_config: dict  # the DeepSpeed config's content (its path does not matter)
+    seed: int
+    trainable: list[str]  # parameter roles
+    token_budgets: dict[str, int]  # the languages it reads, with the tokens of each
+    original_languages: list[str]
+    expansion: str  # moe, or a dense baseline
+
+
+def training_settings(config: RunConfig, round_index: int, training_stage: TrainingStage) -> TrainingSettings:
+    """The :class:`TrainingSettings` of a training stage of a round."""
+    stage = config.train.for_stage(training_stage)
+    _, budgets = stage_languages(config, round_index, training_stage)
+    train = {k: v for k, v in result_settings(config.train).items() if k not in ("stage1", "stage2", "ds_config")}
+    return TrainingSettings(train, result_settings(stage),
+                            deepspeed_config(config.train.ds_config, stage, config.train.gradient_clipping),
+                            config.seed, trainable_roles(training_stage, round_index + 1), budgets,
+                            list(config.old_languages), config.expansion)
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,7 @@ class TrainingRun:
     model_in: Path
     checkpoint_dir: Path
     layout: Layout
+    started_from: SavedCheckpoint | None = None  # the checkpoint this run resumed from
 
     @property
     def settings(self) -> StageTrainConfig:
@@ -155,12 +177,18 @@ class StageResult:
 
 
 def train_stage(config: RunConfig, round_index: int, training_stage: TrainingStage, model_in: Path,
-                checkpoint_dir: Path, export_dir: Path | None) -> StageResult:
-    """Run one training stage on every rank, resuming from the newest checkpoint in ``checkpoint_dir`` if there
-    is one; rank 0 exports the trained model to ``export_dir``."""
+                checkpoint_dir: Path, start_at: StartPoint, export_dir: Path | None) -> StageResult:
+    """Run one training stage on every rank from ``start_at`` (``pipeline.checkpoint_dir.start_point``), saving
+    checkpoints into ``checkpoint_dir``; rank 0 exports the trained model to ``export_dir``. A stop signal
+    (SIGTERM, SIGUSR1) on any rank ends the run at the next step boundary with a checkpoint
+    (:class:`~pipeline.stop_signals.StopRequested`)."""
     dist = distributed.current()
-    run = TrainingRun(config, round_index, training_stage, model_in, checkpoint_dir, _layout(config, dist))
-    resume = ResumePoint(checkpoint_dir, run.layout)
+    run = TrainingRun(config, round_index, training_stage, model_in, checkpoint_dir, _layout(config, dist),
+                      start_at.checkpoint)
+    if start_at.checkpoint is not None and start_at.checkpoint.step > run.settings.steps:
+        raise LayerMoEError(f"checkpoint {start_at.checkpoint.tag_dir} is at step {start_at.checkpoint.step}, beyond "
+                            f"train.stage{training_stage}.steps={run.settings.steps}")
+    resume = ResumePoint(start_at.checkpoint, start_at.same_settings, run.layout)
     trainer = build_engine(run, resume)
     start = resume.restore(trainer.engine, trainer.scheduler)
     log.info(f"{run.name}: {len(trainer.trainable)} trainable tensors "
@@ -169,13 +197,20 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
              f"ep_size {run.layout.ep_size}")
     reporter = _Reporter(run, start)
     losses: dict[str, float] = {}
-    for step in range(start, run.settings.steps):
-        lr = trainer.scheduler.get_last_lr()[0]  # the rate this step uses (engine.step moves the schedule on)
-        outcome = train_step(run, trainer, step, reporter.routing)
-        losses = outcome.losses
-        reporter.step_done(step, outcome, lr)
-        if _periodic_checkpoint_due(run, step + 1):
-            save_checkpoint(trainer.engine, checkpoint_dir, step + 1, run.layout)
+    with deferred_stop_requests() as stop:
+        for step in range(start, run.settings.steps):
+            lr = trainer.scheduler.get_last_lr()[0]  # the rate this step uses (engine.step moves the schedule on)
+            outcome = train_step(run, trainer, step, reporter.routing)
+            losses = outcome.losses
+            reporter.step_done(step, outcome, lr)
+            periodic = _periodic_checkpoint_due(run, step + 1)
+            if periodic:
+                save_checkpoint(trainer.engine, checkpoint_dir, step + 1, run.layout)
+            if stop.agreed():
+                if not periodic:
+                    save_checkpoint(trainer.engine, checkpoint_dir, step + 1, run.layout)
+                raise StopRequested(f"{run.name}: stopped by {stop.describe()} after step {step + 1} of "
+                                    f"{run.settings.steps}; checkpoint step{step + 1} saved")
     save_final_checkpoint_and_export(run, trainer, export_dir)
     peak = peak_memory_gib(trainer.device)
     log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
@@ -217,13 +252,13 @@ def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
     if config.expansion != "moe":
         model, by_role = prepare_dense_model(load_causal_lm(run.model_in, dtype, str(device)), config.expansion,
                                              config.train.lora)
-        resume.load_other_layout_weights(model)
+        resume.load_checkpoint_weights(model)
         placements = {}
     else:
         model, placements = _load_model(run, dtype)
         if run.training_stage == 2:
             model.set_classifiers_active(True)  # the classifiers act from stage 2 on (docs/method.md, 3.3)
-        resume.load_other_layout_weights(model)
+        resume.load_checkpoint_weights(model)
         roles = trainable_roles(run.training_stage, len(model.config.rounds))
         set_trainable(model, roles)
         by_role = {role: [name for name, _ in params] for role, params in parameter_roles(model).items() if role in roles}
@@ -318,9 +353,15 @@ def train_step(run: TrainingRun, trainer: Trainer, step: int, routing: RoutingSt
         input_ids = batch.input_ids.to(trainer.device)
         original = trainer.data.original_mask(batch.language_ids).to(trainer.device)
         parts, records = _micro_batch_loss(run, trainer.engine, input_ids, original)
-        _check_finite(parts, step, run.checkpoint_dir)
+        _check_finite(f"loss {parts.as_floats()}", parts.total.detach(), step, run)
         trainer.engine.backward(parts.total)
+        boundary = trainer.engine.is_gradient_accumulation_boundary()
+        local_norm = _local_gradient_norm(trainer.engine.module) if boundary else None
         trainer.engine.step()
+        if boundary:
+            norm = trainer.engine.get_global_grad_norm()
+            norm = torch.as_tensor(norm if norm is not None else local_norm, dtype=torch.float32, device=trainer.device)
+            _check_finite(f"gradient norm {float(norm)}", norm, step, run)
         routing.add(records, original.reshape(-1))
         for name, value in vars(parts).items():
             if value is not None:
@@ -356,14 +397,27 @@ def _batch_mean(sums: dict[str, torch.Tensor], micro_batches: int) -> dict[str, 
     return dict(zip(names, values.tolist()))
 
 
-def _check_finite(parts: LossParts, step: int, checkpoint_dir: Path) -> None:
-    flag = (~torch.isfinite(parts.total.detach())).float().reshape(1)
+def _local_gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of the gradients this rank's parameters hold before the optimizer step. DeepSpeed's basic
+    optimizer (ZeRO stage 0) keeps no gradient norm; ZeRO's optimizers do (``get_global_grad_norm``), and their
+    gradients are not on the parameters."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _check_finite(what: str, value: torch.Tensor, step: int, run: TrainingRun) -> None:
+    """Stop the run on every rank (:class:`TrainingDiverged`) when ``value`` is not finite on any rank."""
+    flag = (~torch.isfinite(value)).float().reshape(-1)[:1]
     if float(distributed.all_reduce_sum(flag)) > 0:
-        latest = (checkpoint_dir / "latest").read_text().strip() if (checkpoint_dir / "latest").exists() else None
+        # checkpoint step<s> holds the weights step s+1 starts from: the ones from step <= this step led here
+        candidates = [*complete_checkpoints(run.checkpoint_dir), *([run.started_from] if run.started_from else [])]
+        good = next((c for c in candidates if c.step < step), None)
         raise TrainingDiverged(
-            f"non-finite loss at step {step + 1}: {parts.as_floats()}; stopping. "
-            + (f"The last good checkpoint is {checkpoint_dir / latest} (resume continues from it)." if latest
-               else "No checkpoint was written yet."))
+            f"non-finite {what} at step {step + 1}; stopping, nothing exported. "
+            + (f"The last good checkpoint is {good.tag_dir} (step {good.step}): to continue from it with other "
+               f"settings (e.g. a lower learning rate), add --resume-from {good.tag_dir}" if good
+               else "There is no checkpoint from before it: run again with other settings (e.g. a lower learning "
+                    "rate) to start the stage over."))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,7 +436,8 @@ def save_final_checkpoint_and_export(run: TrainingRun, trainer: Trainer, export_
     save_checkpoint(trainer.engine, run.checkpoint_dir, run.settings.steps, run.layout)
     distributed.barrier()
     if export_dir is not None and distributed.current().is_main:
-        export_trained_model(trainer.engine.module, latest_checkpoint(run.checkpoint_dir), export_dir, run.model_in)
+        export_trained_model(trainer.engine.module, newest_complete_checkpoint(run.checkpoint_dir), export_dir,
+                             run.model_in)
     distributed.barrier()
 
 

@@ -5,13 +5,19 @@ A checkpoint is one tag directory ``<checkpoint_dir>/step<N>/`` with
 * DeepSpeed's files: model states (written by rank 0: every parameter that rank holds), optimizer states;
 * with expert parallelism (``ep_size > 1``), ``experts_ep<r>.safetensors`` for every expert-parallel rank r:
   the new experts that rank holds. Rank 0's model states plus these files are the whole model;
-* ``layout.json``: step, ep_size and world size.
+* ``layout.json``: step, ep_size, world size and every file of the checkpoint with its size, written by rank 0
+  last, once every rank has written its part.
 
-``<checkpoint_dir>/latest`` names the newest complete tag (DeepSpeed writes it last). Resuming with the layout
-a checkpoint was saved with restores everything through DeepSpeed (bit-identical continuation). With another
-layout (e.g. saved at ep_size=2 on 2 ranks, resumed at ep_size=1 on one), the weights, the step, the
-learning-rate schedule and the RNG are restored and the optimizer moments start over, because DeepSpeed's
-optimizer partitions depend on the layout; a warning says so.
+A checkpoint is *complete* when its layout.json is readable and every file it lists (and every expert shard)
+is there with its size; resuming uses the newest complete one, whatever DeepSpeed's ``latest`` says (a run
+killed while saving leaves an incomplete newest tag). Resuming a checkpoint of the same settings with the
+layout it was saved with restores everything through DeepSpeed (bit-identical continuation). With another
+layout (e.g. saved at ep_size=2 on 2 ranks, resumed at ep_size=1 on one), or from a checkpoint of other
+settings (``--resume-from``), the weights, the step and the RNG are restored, the learning-rate schedule is
+this run's at that step, and the optimizer moments start over (DeepSpeed's optimizer partitions depend on
+the layout; another run's moments and hyper-parameters are not this run's); a warning says so.
+
+Which checkpoints belong to a stage run (its fingerprint) is ``pipeline/checkpoint_dir.py``.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed, log
-from pipeline.atomic import write_json
+from pipeline.atomic import cannot_write, write_json
 from pipeline.errors import LayerMoEError
 from pipeline.expert_parallel import RemoteExpert, owned_expert_state
 
@@ -47,7 +54,7 @@ UNREADABLE = (OSError, RuntimeError, KeyError, EOFError, TypeError, ValueError, 
 
 def unreadable(checkpoint: SavedCheckpoint, error: Exception) -> LayerMoEError:
     return LayerMoEError(f"cannot read checkpoint {checkpoint.tag_dir} (corrupt? {type(error).__name__}: "
-                         f"{str(error)[:200]}); delete {checkpoint.tag_dir.parent} to start the stage over")
+                         f"{str(error)[:200]}); move {checkpoint.tag_dir.parent} aside to start the stage over")
 
 
 def expert_file(tag_dir: Path, ep_rank: int) -> Path:
@@ -55,16 +62,21 @@ def expert_file(tag_dir: Path, ep_rank: int) -> Path:
 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, layout: Layout) -> None:
-    """Write checkpoint ``step<step>`` (every rank calls this)."""
+    """Write checkpoint ``step<step>`` (every rank calls this); its layout.json, written last, completes it. A
+    failed write (a full disk) is an error naming the checkpoint; the checkpoint stays incomplete."""
     dist = distributed.current()
     tag_dir = checkpoint_dir / f"step{step}"
-    if layout.ep_size > 1 and dist.rank < layout.ep_size:  # one copy of each expert shard
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        save_file(owned_expert_state(engine.module), str(expert_file(tag_dir, dist.rank)))
-    if dist.is_main:
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        write_json(tag_dir / "layout.json", {"step": step, **asdict(layout)})
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag_dir.name, client_state={"torch_rng": torch.get_rng_state()})
+    try:
+        if layout.ep_size > 1 and dist.rank < layout.ep_size:  # one copy of each expert shard
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            save_file(owned_expert_state(engine.module), str(expert_file(tag_dir, dist.rank)))
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag_dir.name, client_state={"torch_rng": torch.get_rng_state()})
+        distributed.barrier()
+        if dist.is_main:
+            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != LAYOUT}
+            write_json(tag_dir / LAYOUT, {"step": step, **asdict(layout), "files": files})
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise cannot_write(tag_dir, e) from None
     log.info(f"checkpoint {tag_dir.name} saved in {checkpoint_dir}")
 
 
@@ -75,18 +87,65 @@ class SavedCheckpoint:
     layout: Layout
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> SavedCheckpoint | None:
-    """The checkpoint ``latest`` points to, or None when there is none."""
-    latest = checkpoint_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag_dir = checkpoint_dir / latest.read_text().strip()
+LAYOUT = "layout.json"
+TAG_PREFIX = "step"
+
+
+class IncompleteCheckpoint(LayerMoEError):
+    """A checkpoint without a readable layout.json: a run stopped while saving it."""
+
+
+def read_checkpoint(tag_dir: Path) -> SavedCheckpoint:
+    """The complete checkpoint in ``tag_dir``. Without a readable layout.json it is incomplete
+    (:class:`IncompleteCheckpoint`); a file it lists that is missing or of another size means it is corrupt (a
+    ``LayerMoEError`` naming the file)."""
     try:
-        meta = json.loads((tag_dir / "layout.json").read_text())
-        return SavedCheckpoint(tag_dir, int(meta["step"]), Layout(int(meta["ep_size"]), int(meta["world_size"])))
+        meta = json.loads((tag_dir / LAYOUT).read_text())
+        checkpoint = SavedCheckpoint(tag_dir, int(meta["step"]), Layout(int(meta["ep_size"]), int(meta["world_size"])))
+        files = dict(meta.get("files", {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LayerMoEError(f"checkpoint {tag_dir} is incomplete or corrupt (layout.json: {e}); delete "
-                            f"{checkpoint_dir} to start the stage over") from None
+        raise IncompleteCheckpoint(f"checkpoint {tag_dir} is incomplete or not a checkpoint ({LAYOUT}: "
+                                   f"{type(e).__name__}: {e})") from None
+    required = {MODEL_STATES: None, **{expert_file(tag_dir, r).name: None
+                                      for r in range(checkpoint.layout.ep_size if checkpoint.layout.ep_size > 1 else 0)}}
+    for name, size in {**required, **files}.items():
+        path = tag_dir / name
+        if not path.is_file():
+            problem = f"{name} is missing"
+        elif size is not None and path.stat().st_size != size:
+            problem = f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+        else:
+            continue
+        raise LayerMoEError(f"cannot read checkpoint {tag_dir} (corrupt? {problem}); move {tag_dir.parent} aside to "
+                            f"start the stage over, or start from an older checkpoint with --resume-from")
+    return checkpoint
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> Iterator[SavedCheckpoint]:
+    """The complete checkpoints in ``checkpoint_dir``, newest (highest step) first; incomplete ones are skipped,
+    a corrupt one is an error."""
+    for tag_dir in checkpoint_tags(checkpoint_dir):
+        try:
+            yield read_checkpoint(tag_dir)
+        except IncompleteCheckpoint:
+            continue
+
+
+def _tag_step(path: Path) -> int | None:
+    digits = path.name[len(TAG_PREFIX):]
+    return int(digits) if path.name.startswith(TAG_PREFIX) and digits.isdigit() and path.is_dir() else None
+
+
+def checkpoint_tags(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoint tag directories in ``checkpoint_dir``, newest (highest step) first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted((p for p in checkpoint_dir.iterdir() if _tag_step(p) is not None), key=_tag_step, reverse=True)
+
+
+def newest_complete_checkpoint(checkpoint_dir: Path) -> SavedCheckpoint | None:
+    """The complete checkpoint with the highest step in ``checkpoint_dir`` (None when there is none)."""
+    return next(complete_checkpoints(checkpoint_dir), None)
 
 
 def expert_shards(checkpoint: SavedCheckpoint, wanted: set[str] | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -126,10 +185,13 @@ def load_weights(model: torch.nn.Module, checkpoint: SavedCheckpoint) -> torch.T
         raise unreadable(checkpoint, e) from None
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in names - set(own) if not _held_by_another_rank(model, k))
-    if missing or unexpected:
-        raise LayerMoEError(f"checkpoint {checkpoint.tag_dir} does not match the model: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-    model.load_state_dict(state, strict=False)
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise LayerMoEError(f"checkpoint {checkpoint.tag_dir} is of another model architecture or allocation than "
+                            f"this stage's input model: not in the checkpoint {missing[:3]}, not in the model "
+                            f"{unexpected[:3]}, other shapes {shapes[:3]}")
+    model.load_state_dict(state, strict=False)  # a sharded model holds only its own experts
     return saved["torch_rng"]
 
 
@@ -155,51 +217,55 @@ def resume_same_layout(engine, checkpoint: SavedCheckpoint) -> int:
     return checkpoint.step
 
 
-def resume_other_layout(scheduler, checkpoint: SavedCheckpoint, layout: Layout, rng_state: torch.Tensor) -> int:
-    """After ``load_weights``: replay the learning-rate schedule up to the checkpoint's step and restore the RNG;
-    returns the step to continue from."""
+def resume_weights_only(scheduler, checkpoint: SavedCheckpoint, why: str, rng_state: torch.Tensor) -> int:
+    """After ``load_weights``: replay this run's learning-rate schedule up to the checkpoint's step and restore the
+    RNG; returns the step to continue from. ``why``: the reason nothing else is restored, for the warning."""
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying the schedule only
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(checkpoint.step):
             scheduler.step()
     torch.set_rng_state(rng_state)
-    log.warn(f"resumed from {checkpoint.tag_dir} at step {checkpoint.step} with another layout "
-             f"({checkpoint.layout} -> {layout}): weights, schedule and RNG restored, optimizer moments start over")
+    log.warn(f"resumed from {checkpoint.tag_dir} at step {checkpoint.step} {why}: weights, step and RNG restored, "
+             f"this run's learning-rate schedule, optimizer moments start over")
     return checkpoint.step
 
 
 class ResumePoint:
-    """Where a training stage starts, and how it gets there: from step 0, or from the newest checkpoint, saved
-    with this layout or another one. Used at the two moments resuming needs:
+    """Where a training stage starts, and how it gets there: from step 0, or from a checkpoint, restored whole
+    (same settings, same layout) or by its weights (another layout, or other settings: ``--resume-from``). Used
+    at the two moments resuming needs:
 
-    * :meth:`load_other_layout_weights`, right after the model is loaded (whole, or with expert parallelism only
-      this rank's experts): with another layout the checkpoint's weights go into it directly (DeepSpeed cannot
-      read them into this layout);
-    * :meth:`restore`, once the DeepSpeed engine exists: with the same layout DeepSpeed restores everything;
-      with another, the learning-rate schedule is replayed and the RNG restored. Returns the step to continue from.
+    * :meth:`load_checkpoint_weights`, right after the model is loaded (whole, or with expert parallelism only
+      this rank's experts): when not restored whole (another layout, or ``--resume-from`` with other settings),
+      the checkpoint's weights go into it directly (DeepSpeed cannot read them into another layout);
+    * :meth:`restore`, once the DeepSpeed engine exists: restored whole, DeepSpeed restores everything; else the
+      learning-rate schedule is replayed and the RNG restored. Returns the step to continue from.
     """
 
-    def __init__(self, checkpoint_dir: Path, layout: Layout):
-        self.checkpoint = latest_checkpoint(checkpoint_dir)
+    def __init__(self, checkpoint: SavedCheckpoint | None, same_settings: bool, layout: Layout):
+        self.checkpoint = checkpoint
+        self.same_settings = same_settings
         self.layout = layout
-        self._saved_rng: torch.Tensor | None = None  # another layout: the RNG state read with the weights
+        self._saved_rng: torch.Tensor | None = None  # weights only: the RNG state read with the weights
 
     @property
-    def other_layout(self) -> bool:
-        """Whether the checkpoint was saved with another layout than this run's."""
-        return self.checkpoint is not None and self.checkpoint.layout != self.layout
+    def whole(self) -> bool:
+        """Whether the checkpoint is restored whole (the same settings and layout as this run)."""
+        return self.checkpoint is not None and self.same_settings and self.checkpoint.layout == self.layout
 
-    def load_other_layout_weights(self, model: torch.nn.Module) -> None:
-        """With another layout: the checkpoint's weights into the freshly loaded model (nothing to do otherwise)."""
-        if self.other_layout:
+    def load_checkpoint_weights(self, model: torch.nn.Module) -> None:
+        """Weights only: the checkpoint's weights into the freshly loaded model (nothing to do otherwise)."""
+        if self.checkpoint is not None and not self.whole:
             self._saved_rng = load_weights(model, self.checkpoint)
 
     def restore(self, engine, scheduler) -> int:
         """The rest of the state, once the engine exists; returns the step to continue from (0: no checkpoint)."""
         if self.checkpoint is None:
             return 0
-        if not self.other_layout:
+        if self.whole:
             return resume_same_layout(engine, self.checkpoint)
         if self._saved_rng is None:
-            raise RuntimeError("ResumePoint.restore before load_other_layout_weights")
-        return resume_other_layout(scheduler, self.checkpoint, self.layout, self._saved_rng)
+            raise RuntimeError("ResumePoint.restore before load_checkpoint_weights")
+        why = ("with another layout" if self.same_settings else "saved with other settings (--resume-from)") + \
+              (f" ({self.checkpoint.layout} -> {self.layout})" if self.checkpoint.layout != self.layout else "")
+        return resume_weights_only(scheduler, self.checkpoint, why, self._saved_rng)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-import json
-
 from pipeline.cli import main
-from pipeline.config import RECIPES, ConfigError, RunConfig, load_config, to_dict
+from pipeline.config import (RECIPES, ConfigError, RunConfig, StageTrainConfig, TrainConfig, load_config,
+                             result_settings, to_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +75,27 @@ def test_round_allocate_override(tmp_path):
     ("train.balance_form=slots", r"^train\.balance_form: 'slots' is not one of"),
     ("train.lora.rank=0", r"^train\.lora\.rank: must be >= 1"),
     ("expansion=lora train.ep_size=2", r"^train\.ep_size: expert parallelism needs experts"),
+    # every numeric field's range
+    ("train.stage1.lr=.inf", r"^train\.stage1\.lr: must be a finite number > 0, got inf"),
+    ("train.stage2.lr=.nan", r"^train\.stage2\.lr: must be a finite number > 0, got nan"),
+    ("train.stage1.lr=0", r"^train\.stage1\.lr: must be a finite number > 0"),
+    ("train.stats_every=0", r"^train\.stats_every: must be >= 1, got 0"),
+    ("train.checkpoint_every=-1", r"^train\.checkpoint_every: must be >= 0, got -1"),
+    ("train.alpha=-0.1", r"^train\.alpha: must be a finite number >= 0"),
+    ("train.gamma=.inf", r"^train\.gamma: must be a finite number >= 0, got inf"),
+    ("train.beta=-1", r"^train\.beta: must be a finite number >= 0"),
+    ("train.gradient_clipping=-1", r"^train\.gradient_clipping: must be a finite number >= 0"),
+    ("train.weight_decay=-0.01", r"^train\.weight_decay: must be a finite number >= 0"),
+    ("train.stage2.replay_tokens_per_language=-5", r"^train\.stage2\.replay_tokens_per_language: must be >= 0"),
+    ("evaluate.translation_max_new_tokens=0", r"^evaluate\.translation_max_new_tokens: must be >= 1"),
+    ("evaluate.translation_shots=-1", r"^evaluate\.translation_shots: must be >= 0"),
+    ("upcycle.verify_tolerance=.inf", r"^upcycle\.verify_tolerance: must be a finite number > 0, got inf"),
+    ("upcycle.top_k=0", r"^upcycle\.top_k: must be >= 1"),
+    ("allocate.delta=.inf", r"^allocate\.delta: must be a finite number > 0"),
+    ("seed=-1", r"^seed: must be in \[0, 2\^63\)"),
+    ("allocate={method: explicit, explicit: [1, 1, 1]}", r"^upcycle\.top_k: 2 is larger than every layer's expert "
+                                                          r"count \(at most 1 in allocate\.explicit\)"),
+    ("allocate={method: uniform, experts_per_layer: 1}", r"^upcycle\.top_k: 2 is larger than every layer's expert count"),
 ])
 def test_errors_name_the_field(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -117,3 +138,17 @@ def test_recipes_preset_fields_that_are_not_set_explicitly(tmp_path, capsys):
     assert shown["recipe"] == "reference" and shown["train"]["lpr_form"] == "double_softmax"
     assert shown["train"]["classifier_label"] == "token" and shown["upcycle"]["pooling"] == "sequence"
     assert shown == to_dict(load_config(write(tmp_path), ["recipe=reference", "train.classifier_label=token"]))
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.replace("name: t", "name: caf\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_config(path)
+
+
+def test_run_settings_are_left_out_of_the_result_settings_at_every_depth():
+    settings = result_settings({"train": TrainConfig(), "seed": 3})
+    assert {"stats_every", "checkpoint_every", "tensorboard", "ep_size"}.isdisjoint(settings["train"])
+    assert settings["train"]["alpha"] == 0.01 and settings["train"]["stage1"]["lr"] == StageTrainConfig().lr
+    assert settings["seed"] == 3

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,52 @@ def test_sbatch_expand_needs_gpus_for_bf16_and_writes_nothing(expansion_config, 
     assert status == 2 and job_state(job) == "FAILED"
     assert "this node has no GPUs" in job_log and "enables bf16" in job_log
     assert not (tmp_path / "run").exists()
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def job_field(job: int, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True, check=True).stdout
+    return re.search(rf"\b{name}=(\S+)", out).group(1)
+
+
+@requires_slurm
+def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_the_requeued_job_resumes(expansion_config, tmp_path):
+    """What `#SBATCH --signal=B:USR1@300` does near the time limit, sent at once with `scancel --signal=USR1 --batch`:
+    the trap forwards it through srun and the DeepSpeed launcher to the rank, which saves a checkpoint and exits 75;
+    the script requeues the job, whose second run skips the finished stages and resumes training."""
+    env = {**job_env(), "LAYERMOE_PROCS_PER_NODE": "1"}
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/expand.sh",
+                           str(expansion_config), "train.stage1.steps=2000", "train.stats_every=1000"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    job = int(proc.stdout.split(";")[0])
+    train_log = tmp_path / "run" / "logs" / f"slurm-{job}" / "g1.train_stage1.log"
+    try:
+        wait_for(lambda: train_log.is_file() and "stage 1 step 3/2000" in train_log.read_text(), 300,
+                 "training to start", poll=0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+        wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
+                 "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue delay
+        wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job",
+                 poll=2)
+    finally:
+        subprocess.run(["scancel", str(job)], capture_output=True)
+    job_log, log = (tmp_path / f"job-{job}.out").read_text(), train_log.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", job_log[-4000:] + log[-4000:]
+    stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 2000", log)
+    assert stopped and int(stopped.group(1)) < 2000, log[-4000:]  # stopped in the middle of training
+    assert "resumed from" in log and f"at step {stopped.group(1)}" in log
+    assert "received SIGUSR1" in job_log and "g1/train_stage1: stopped (exit status 75)" in job_log
+    assert f"requeueing job {job}" in job_log and f"job {job} (restart 1)" in job_log
+    restarted = job_log.split(f"job {job} (restart 1)")[1]
+    assert "g1/upcycle: up to date, skipped" in restarted and "g1/evaluate: done" in restarted
+    assert (tmp_path / "run" / "g1" / "train_stage2" / "model" / "model.safetensors").is_file()
