@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from pipeline import log
@@ -16,7 +19,8 @@ from pipeline.errors import LayerMoEError
 from pipeline.libreoffice_corpus import build_libreoffice_corpus
 from pipeline.plan import format_plan, load_model_config, plan
 from pipeline.ranks import LOOPBACK
-from pipeline.report import compare_runs
+from pipeline.compare import compare_runs, to_markdown, write_comparison
+from pipeline.run_dir import claim_run_dir
 from pipeline.runner import run_pipeline, run_single_stage
 from pipeline.stages import STAGES, get_stage
 
@@ -50,15 +54,28 @@ def _train(args: argparse.Namespace) -> None:
     _stage(args)
 
 
+def run_log_file(config, rank: int) -> Path:
+    """``<run_dir>/logs/<UTC time>-run.log`` (``-rank<N>`` added on ranks other than 0 of a multi-process run)."""
+    suffix = f"-rank{rank}" if rank else ""
+    return config.run_path / "logs" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-run{suffix}.log"
+
+
 def _run(args: argparse.Namespace) -> None:
     config = _load(args)
     first, last = (args.only, args.only) if args.only else (args.first, args.until)
-    with distributed_from_env():
-        run_pipeline(config, force=args.force, first=first, last=last, start_over=args.start_over)
+    with distributed_from_env() as dist:
+        claim_run_dir(config, args.start_over)  # before the log file: --start-over deletes the run directory
+        path = args.exit_stack.enter_context(log.tee_output(run_log_file(config, dist.rank)))
+        log.info(f"layermoe run {config.name}: this output is also in {path}")
+        run_pipeline(config, force=args.force, first=first, last=last)
 
 
 def _compare(args: argparse.Namespace) -> None:
-    print(compare_runs([Path(d) for d in args.run_dirs]))
+    sections = compare_runs([Path(d) for d in args.run_dirs])
+    print(to_markdown(sections))
+    if args.output:
+        for path in write_comparison(sections, Path(args.output)):
+            log.info(f"wrote {path}")
 
 
 def _show_config(args: argparse.Namespace) -> None:
@@ -125,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run even when up to date")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("compare", help="put the final reports of several runs side by side")
+    p = sub.add_parser("compare", help="put several runs side by side, round by round (same languages per table)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", metavar="DIR", help="also write compare.md, compare.csv and compare.png into DIR")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("plan", help="total / activated parameters of an expansion, without loading weights")
@@ -146,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="default: $LAYERMOE_CACHE or ~/.cache/layermoe")
     p.set_defaults(func=_build_corpus)
 
-    p = sub.add_parser("prepare-model", help="convert the built-in SmolLM2-135M to an HF directory in the cache")
+    p = sub.add_parser("prepare-model", help="de-quantise the built-in SmolLM2-135M-Instruct (its Q4_1 GGUF) into an HF "
+                                             "directory in the cache")
     p.add_argument("--cache-dir", help="default: $LAYERMOE_CACHE or ~/.cache/layermoe")
     p.set_defaults(func=_prepare_model)
     return parser
@@ -162,14 +181,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    try:
-        args.func(args)
-    except LayerMoEError as e:
-        log.error(str(e))
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    log.quiet_libraries()
+    log.start_heartbeat()
+    with contextlib.ExitStack() as args.exit_stack:  # what a command opens for its whole run (the run's log file)
+        try:
+            args.func(args)
+        except LayerMoEError as e:
+            log.error(str(e))
+            return 2
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            return 130
+        except Exception:  # a bug: its traceback also belongs in the run's log file
+            traceback.print_exc()
+            return 1
     return 0
 
 

@@ -6,7 +6,7 @@ report.json (keys in this order)::
     perplexity          {model label: {language: held-out perplexity}}      every model, in evaluation order
     routing             {model label: {language: {layer: statistics}}}      expanded models (pipeline/routing_stats.py)
     translation         {model label: {language: {chrf, sentences, examples}}}  models that were asked to translate
-    harness             {model label: lm-evaluation-harness results, or {"skipped": why}}
+    harness             {model label: {task: {metric: value}}}               lm-evaluation-harness tasks (evaluate.harness)
     experts             {model label: {experts_per_layer, classifier_layers, new_experts}}  expanded models
     group_average       {model label: {"old": mean perplexity, "new": ...}}
     forgetting_percent  {model label: {old language: perplexity change vs the base model, %}}  all but the base
@@ -66,6 +66,9 @@ class TranslationExample:
     hypothesis: str
 
 
+FEW_SENTENCES = 50  # chrF over fewer test sentences than this is a rough indication only
+
+
 @dataclass(frozen=True)
 class TranslationScore:
     """Few-shot English -> X translation: corpus chrF over ``sentences`` test sentences, and a few examples."""
@@ -73,6 +76,11 @@ class TranslationScore:
     chrf: float
     sentences: int
     examples: list[TranslationExample]
+
+    @property
+    def few_sentences(self) -> bool:
+        """Whether the score rests on too few sentences to compare models by it."""
+        return self.sentences < FEW_SENTENCES
 
     @classmethod
     def from_json(cls, doc: dict) -> TranslationScore:
@@ -84,16 +92,11 @@ class ModelResults:
     """Everything measured for one model."""
 
     perplexity: dict[str, float]  # language -> held-out perplexity
-    harness: dict[str, Any] = field(default_factory=dict)  # lm-evaluation-harness results, or {"skipped": why}
+    harness: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     parameters: int | None = None  # total parameters (None in reports written before they were counted)
     routing: Routing | None = None  # None: a dense model
     experts: ExpertLayout | None = None  # None: a dense model
     translation: dict[str, TranslationScore] | None = None  # language -> score; None: not asked to translate
-
-    @property
-    def harness_skipped(self) -> str | None:
-        """Why the harness tasks did not run, if they did not."""
-        return self.harness.get("skipped")
 
 
 @dataclass
@@ -154,7 +157,8 @@ class EvalReport:
                 experts, parameters = sections["experts"].get(label), sections["parameters"].get(label)
                 models[label] = ModelResults(
                     perplexity={lang: float(v) for lang, v in perplexity.items()},
-                    harness=dict(sections["harness"].get(label, {})),
+                    harness={task: {k: float(v) for k, v in metrics.items()}  # (older reports: {"skipped": why})
+                             for task, metrics in sections["harness"].get(label, {}).items() if isinstance(metrics, dict)},
                     parameters=None if parameters is None else int(parameters),
                     routing=None if routing is None else {lang: routing_from_json(layers)
                                                           for lang, layers in routing.items()},

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.atomic import atomic_directory
+from pipeline.atomic import atomic_directory, read_json, write_json
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -17,9 +17,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
-    """Write ``model`` to ``out_dir`` atomically: safetensors weights, config.json with ``auto_map`` (so
-    ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without this package), the
-    modeling code, and the tokenizer files found in ``tokenizer_from``."""
+    """Write ``model`` to ``out_dir`` atomically, readable as the umask allows: safetensors weights, config.json
+    with ``auto_map`` (so ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without
+    this package), the modeling code, and the tokenizer files found in ``tokenizer_from`` (see
+    :func:`portable_tokenizer_config`)."""
     model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
                              "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
     model.config.architectures = ["LayerMoEForCausalLM"]
@@ -31,4 +32,26 @@ def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
                     shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+            if (tmp / "tokenizer_config.json").is_file():
+                tokenizer_config = read_json(tmp / "tokenizer_config.json", "tokenizer config")
+                write_json(tmp / "tokenizer_config.json",
+                           portable_tokenizer_config(tokenizer_config, (tmp / "tokenizer.json").is_file()))
     return Path(out_dir)
+
+
+def portable_tokenizer_config(tokenizer_config: dict, has_tokenizer_json: bool) -> dict:
+    """tokenizer_config.json as every supported transformers version reads it with plain ``AutoTokenizer``: no
+    ``auto_map`` (the tokenizer needs no custom code), and a tokenizer class that exists in transformers 4 too
+    (transformers 5 writes ``TokenizersBackend``, a class 4.x does not have; ``PreTrainedTokenizerFast`` is the
+    same fast tokenizer under the name both know) with special tokens in the form 4.x reads, and the inputs a
+    causal LM takes (``model(**tokenizer(text))`` and ``generate(**...)`` work in every version)."""
+    portable = {k: v for k, v in tokenizer_config.items() if k not in ("auto_map", "backend", "is_local",
+                                                                              "local_files_only")}
+    if has_tokenizer_json and portable.get("tokenizer_class") in (None, "TokenizersBackend"):
+        portable["tokenizer_class"] = "PreTrainedTokenizerFast"
+    portable.setdefault("model_input_names", ["input_ids", "attention_mask"])  # 4.x adds token_type_ids otherwise
+    extra = portable.get("extra_special_tokens")
+    if isinstance(extra, list):  # 5.x: a list of tokens; 4.x: {name: token}, with the list as additional_special_tokens
+        del portable["extra_special_tokens"]
+        portable.setdefault("additional_special_tokens", extra)
+    return portable

@@ -6,6 +6,7 @@ before a round whose input model does not exist yet. Finished stages are skipped
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 from pipeline import distributed, log
@@ -43,9 +44,38 @@ def run_single_stage(config: RunConfig, stage: Stage, round_name: str | None = N
     """One stage, for the round called ``round_name`` or for every ready round, in this process (and the others
     of the launcher that started it)."""
     claim_run_dir(config)
-    rounds = [config.round_index(round_name)] if round_name else ready_rounds(config)
+    rounds = [config.round_index(round_name)] if round_name else list(ready_rounds(config))
     for r in rounds:
         stage.run(config, r, force)
+    if stage.name == "evaluate" and rounds:
+        print_report(config, rounds[-1])
+
+
+class RunProgress:
+    """``stage k/N: <round>/<stage>`` headers with the time so far and an estimate of the time left: each
+    remaining stage is expected to take as long as it last took in this run (an earlier round), or else the
+    mean of the stages that ran so far; stages that were up to date count as taking no time."""
+
+    RAN = 1.0  # seconds: a stage that took less was (as good as) skipped
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.took: dict[str, float] = {}  # stage name -> seconds, the last time it ran
+
+    def header(self, round_name: str, stage: str, remaining: list[str]) -> None:
+        """Log the header of ``stage``; ``remaining``: the names of the stages after it."""
+        self.done += 1
+        elapsed = log.duration(time.monotonic() - self.started)
+        if self.took:
+            mean = sum(self.took.values()) / len(self.took)
+            left = f"about {log.duration(sum(self.took.get(name, mean) for name in [stage, *remaining]))} left"
+        else:
+            left = "time left: estimated once a stage has run"
+        log.info(f"stage {self.done}/{self.total}: {round_name}/{stage} (elapsed {elapsed}, {left})")
+
+    def finished(self, stage: str, seconds: float) -> None:
+        if seconds >= self.RAN:
+            self.took[stage] = seconds
 
 
 def run_pipeline(config: RunConfig, force: bool = False, first: str | None = None, last: str | None = None,
@@ -56,15 +86,29 @@ def run_pipeline(config: RunConfig, force: bool = False, first: str | None = Non
     selected = select_stages(first, last)
     claim_run_dir(config, start_over)
     processes = config.launch.processes_per_node
+    plan = [(r, stage) for r in range(len(config.rounds)) for stage in selected]
+    progress = RunProgress(len(plan))
+    ran = []
     for r in ready_rounds(config):
+        ran.append(r)
         for stage in selected:
+            position = plan.index((r, stage))
+            progress.header(config.rounds[r].name, stage.name, [s.name for _, s in plan[position + 1:]])
+            started = time.monotonic()
             if stage.splits_over_ranks and processes > 1 and distributed.current().world_size == 1:
                 run_stage_in_processes(stage.name, stage.entry_argv, config.run_path / "config.json",
                                        config.rounds[r].name, [], processes, force)
             else:
                 stage.run(config, r, force)
-    report_md = stage_dir(config, len(config.rounds) - 1, "evaluate") / "report.md"
-    if report_md.exists() and any(stage.name == "evaluate" for stage in selected):
-        report = read_report(report_md.with_name("report.json"))
-        print(f"\nReport: {report_md}\n\n{short_table(report)}", flush=True)
+            progress.finished(stage.name, time.monotonic() - started)
+    if ran and any(stage.name == "evaluate" for stage in selected):
+        print_report(config, ran[-1])
     log.info(f"run complete: {config.run_path}")
+
+
+def print_report(config: RunConfig, round_index: int) -> None:
+    """Print where round ``round_index``'s report is and its short table (on stdout, once), if it exists."""
+    report_md = stage_dir(config, round_index, "evaluate") / "report.md"
+    if report_md.exists() and distributed.current().is_main:
+        report = read_report(report_md.with_name("report.json"))
+        print(f"\nReport: {report_md}\n\n{short_table(report)}\n", flush=True)

@@ -22,12 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-try:
-    from .configuration_layermoe import LayerMoEConfig
-    from .router_kernel import RouteResult, route
-except ImportError:  # imported as a top-level module
-    from configuration_layermoe import LayerMoEConfig
-    from router_kernel import RouteResult, route
+# relative imports only: transformers copies these files into a package of their own when it loads a checkpoint
+# with trust_remote_code (before 4.51 it took any import outside a try block for a package to install)
+from .configuration_layermoe import LayerMoEConfig
+from .router_kernel import RouteResult, route
 
 OLD, NEW = 0, 1  # classifier classes
 
