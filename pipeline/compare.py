@@ -155,7 +155,7 @@ def write_comparison(sections: list[Section], out_dir: Path) -> list[Path]:
     panels = []
     for section in sections:
         latest = [row for row in section.rows if row.new_experts is None or row.model == section.round]
-        groups = section.languages + ["old avg", "learned avg"]
+        groups = section.languages + ["old avg", "new avg"]
         series = {(row.model if row.new_experts is None else f"{row.run}: {row.model}"):
                   [row.perplexity.get(lang) for lang in section.languages] + [row.old_avg, row.learned_avg]
                   for row in latest}

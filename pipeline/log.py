@@ -30,7 +30,8 @@ def timestamp() -> str:
 
 def _emit(message: str) -> None:
     _last_line.update(time=time.monotonic(), message=message)
-    print(f"[layermoe {timestamp()}] {message}", file=sys.stderr, flush=True)
+    prefix = f"[layermoe {timestamp()}]"
+    print("\n".join(f"{prefix} {line}" for line in message.split("\n")), file=sys.stderr, flush=True)
 
 
 def info(message: str) -> None:

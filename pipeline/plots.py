@@ -79,7 +79,7 @@ def plot_similarity(groups: dict[str, list[float]], layer_scores: list[float], t
     names = {"new_new": "new-new pairs", "new_old": "new-old pairs", "old_old": "old-old pairs"}
     for name, values in groups.items():
         ax.plot(layers, values, marker=".", label=names.get(name, name.replace("_", "-")))
-    ax.plot(layers, layer_scores, color="black", linewidth=2, label="S (layer score)")
+    ax.plot(layers, layer_scores, color="black", linewidth=2, label="S, the layer score (mean of\nnew-new and new-old)")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean cosine similarity\nof FFN inputs")
     _integer_axis(ax.xaxis)
@@ -112,7 +112,10 @@ def plot_allocation(expert_rounds: list[list[int]], round_names: list[str], clas
     ax.set_ylim(0, bottom.max() + 1)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    handles, labels = ax.get_legend_handles_labels()  # the bars bottom-up, then the classifier marker
+    order = sorted(range(len(labels)), key=lambda i: labels[i] == "routing classifier")
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", bbox_to_anchor=(1.01, 1),
+              frameon=False)
     save_figure(fig, path)
 
 
@@ -143,34 +146,50 @@ def expert_load_figure(layers: dict[int, LayerRouting], title: str):
     return fig
 
 
-LOSS_LABELS = {"balance": "load balance", "lpr": "language-prior routing (LPR)", "classifier": "classifier"}
+LOSS_LABELS = {"balance": "load balance", "lpr": "LPR", "classifier": "classifier"}
+
+
+def trailing_mean(values: Sequence[float], window: int) -> np.ndarray:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    values = np.asarray(values, dtype=float)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
 
 
 def plot_loss_curves(stages: dict[int, list[dict]], weights: dict[str, float], title: str, path: Path) -> None:
-    """A round's training curves from metrics.jsonl: per stage (columns), the total loss and the cross-entropy
-    (top) and each auxiliary loss unweighted, with its weight in the legend (bottom)."""
+    """A round's training curves from metrics.jsonl: per stage (columns), the cross-entropy and the total loss
+    (top) and each auxiliary loss unweighted, its weight in the legend (bottom). Each step's value is drawn thin,
+    the mean over the last few steps thick (batches of different languages make single steps noisy)."""
     plt = pyplot()
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages), 6), squeeze=False, sharex="col",
                              gridspec_kw={"height_ratios": [3, 2]})
     for column, (stage, records) in enumerate(sorted(stages.items())):
         top, bottom = axes[0][column], axes[1][column]
         steps = [r["step"] for r in records]
-        top.plot(steps, [r["ce"] for r in records], label="cross-entropy", color="tab:blue")
-        top.plot(steps, [r["total"] for r in records], label="total (optimised)", color="black", linewidth=1,
-                 linestyle="--")
+        window = max(1, min(len(steps) // 8, 200))
+
+        def draw(ax, key: str, label: str, color: str, **style) -> None:
+            values = [r[key] for r in records]
+            ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.35)
+            ax.plot(steps, trailing_mean(values, window), color=color, linewidth=2, label=label, **style)
+
+        draw(top, "ce", "cross-entropy", "tab:blue")
+        draw(top, "total", "total (optimised)", "black", linestyle="--")
         top.set_title(f"stage {stage}: {'new experts + routers' if stage == 1 else 'routers + classifiers'}")
         top.set_ylabel("loss")
         top.grid(alpha=0.3)
-        top.legend(loc="upper right")
+        top.legend(loc="best", framealpha=0.9, title=f"thick: mean of {window} steps" if window > 1 else None,
+                   title_fontsize=9)
         auxiliary = [name for name in LOSS_LABELS if name in records[0]]
-        for name in auxiliary:
-            bottom.plot(steps, [r[name] for r in records], label=f"{LOSS_LABELS[name]} (weight {weights[name]:g})")
+        for name, color in zip(auxiliary, ("tab:orange", "tab:green", "tab:red")):
+            draw(bottom, name, f"{LOSS_LABELS[name]}, weight {weights[name]:g}", color)
         bottom.set_ylabel("auxiliary loss\n(unweighted)")
         bottom.set_xlabel("optimizer step")
         _integer_axis(bottom.xaxis)
         bottom.grid(alpha=0.3)
         if auxiliary:
-            bottom.legend(loc="upper right")
+            bottom.legend(loc="best", framealpha=0.9)
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
@@ -182,13 +201,17 @@ def plot_loss_curves(stages: dict[int, list[dict]], weights: dict[str, float], t
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]]) -> None:
-    """Bars of every series side by side in each group, with a legend to the right of the axes."""
+    """Bars of every series side by side in each group, with a legend to the right of the axes; a line separates
+    the averages (groups named '... avg') from the languages."""
     width = 0.8 / max(len(series), 1)
     for s, (name, values) in enumerate(series.items()):
         xs = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
         color = ROUND_COLORS[0] if s == 0 and name.startswith("base") else None
         ax.bar(xs, [v or 0 for v in values], width, label=name, color=color)
     ax.set_xticks(range(len(groups)), groups)
+    averages = [g for g, name in enumerate(groups) if name.endswith(" avg")]
+    if averages:
+        ax.axvline(averages[0] - 0.5, color="black", linewidth=0.8)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
 
@@ -204,7 +227,6 @@ def plot_perplexity(report: EvalReport, path: Path) -> None:
         series[label] = [results.perplexity[lang] for lang in languages] + [average.old, average.new]
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(groups) * (len(series) + 1) + 2), 4))
     _grouped_bars(ax, groups, series)
-    ax.axvline(len(languages) - 0.5, color="black", linewidth=0.8)
     _log_axis(ax, [v for values in series.values() for v in values if v])
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title(f"{report.run}, round {report.round}: perplexity per language (lower is better)")

@@ -113,9 +113,9 @@ class Trackers:
         if tracking.wandb:
             import wandb
 
-            (logs / "wandb").mkdir(parents=True, exist_ok=True)
+            logs.mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(project=tracking.wandb_project or config.name, mode=tracking.wandb_mode,
-                                    dir=str(logs / "wandb"), group=f"{config.name}/{round_name}",
+                                    dir=str(logs), group=f"{config.name}/{round_name}",  # W&B adds wandb/
                                     name=f"{round_name}/stage{training_stage}", job_type=f"train_stage{training_stage}",
                                     config=to_dict(config))
 
