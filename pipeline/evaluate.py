@@ -185,12 +185,6 @@ class Harness:
         # what decides a task's result besides the model: the settings, lm-eval's version, the local task files
         local_tasks = hash_path(Path(settings.include_path)) if settings.include_path else None
         self.fingerprint = [settings.num_fewshot, settings.limit, lm_eval.__version__, local_tasks]
-        known = set(self.manager.all_tasks)
-        unknown = [task for task in settings.tasks if task not in known]
-        if unknown:
-            where = f"lm-eval's tasks or {settings.include_path}" if settings.include_path else "lm-eval's tasks"
-            raise LayerMoEError(f"evaluate.harness.tasks: unknown lm-evaluation-harness task(s) {unknown}: not in "
-                                f"{where} (a local task is a YAML file in evaluate.harness.include_path)")
 
     def score(self, model: torch.nn.Module, tokenizer, task: str, label: str) -> dict[str, float]:
         """``task``'s metrics for ``model``, e.g. ``{"acc": 0.41, "acc_stderr": 0.02, "samples": 100}`` (a group

@@ -24,6 +24,7 @@ def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path
     model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
                              "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
     model.config.architectures = ["LayerMoEForCausalLM"]
+    model.config.base_config = with_legacy_rope_keys(model.config.base_config)
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
         for name in MODELING_FILES:
@@ -37,6 +38,20 @@ def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path
                 write_json(tmp / "tokenizer_config.json",
                            portable_tokenizer_config(tokenizer_config, (tmp / "tokenizer.json").is_file()))
     return Path(out_dir)
+
+
+def with_legacy_rope_keys(base_config: dict) -> dict:
+    """The base architecture's config with its rotary-embedding settings also under the keys transformers 4 reads
+    (``rope_theta``, ``rope_scaling``): transformers 5 keeps them in ``rope_parameters``, which 4.x ignores (it
+    would build the model with its default base frequency and silently compute something else). A per-layer-type
+    ``rope_parameters`` (Gemma 3) is left as it is."""
+    rope = base_config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return base_config
+    legacy = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {**base_config, **legacy}
 
 
 def portable_tokenizer_config(tokenizer_config: dict, has_tokenizer_json: bool) -> dict:
