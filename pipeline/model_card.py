@@ -91,8 +91,11 @@ def _experts_section(facts: CardFacts) -> list[str]:
 
 
 def _training_section(facts: CardFacts) -> list[str]:
-    lines = ["## Training", "", "Text per language: " + "; ".join(f"{lang}: {source}" for lang, source in
-                                                               facts.data.items()) + ".", "",
+    by_source: dict[str, list[str]] = {}
+    for lang, source in facts.data.items():
+        by_source.setdefault(source, []).append(lang)
+    lines = ["## Training", "", "Training text: " + "; ".join(f"{', '.join(langs)}: {source}" for source, langs in
+                                                            by_source.items()) + ".", "",
              "Stage 1 trains a round's new experts and the routers on the new languages (cross-entropy + load "
              "balance); stage 2 trains the routers and classifiers on the new languages plus replay of the earlier "
              "ones (cross-entropy + language-prior routing loss + classifier loss).", "",
@@ -141,7 +144,9 @@ def _loading_section(facts: CardFacts) -> list[str]:
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             'path = "path/to/this/directory"',
-            "# transformers >= 5 reads config.json first and would ask about the model's code: say no up front",
+            "# the tokenizer needs no custom code; transformers >= 5 still reads config.json for it and, on a "
+            "terminal,",
+            "# asks whether to run the model's code: trust_remote_code=False answers no up front",
             "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)",
             f'model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, torch_dtype="auto")'
             f'  # {facts.dtype}',

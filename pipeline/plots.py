@@ -56,9 +56,11 @@ def _log_axis(ax, values: Sequence[float]) -> None:
 
     positive = [v for v in values if v and v > 0]
     ax.set_yscale("log")
-    low, high = min(positive) / 1.3, max(positive) * 1.6
-    ticks = [m * 10 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
-             for m in (1, 2, 5) if low <= m * 10 ** e <= high]
+    steps = [m * 10 ** e for e in range(int(np.floor(np.log10(min(positive)))) - 1,
+                                        int(np.ceil(np.log10(max(positive)))) + 2) for m in (1, 2, 5)]
+    low = max(step for step in steps if step <= min(positive) / 1.1)  # a labelled tick below the lowest bar
+    high = max(positive) * 1.6  # room for the values above the bars
+    ticks = [step for step in steps if low <= step <= high]
     ax.set_ylim(low, high)
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
@@ -159,8 +161,9 @@ def trailing_mean(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_loss_curves(stages: dict[int, list[dict]], weights: dict[str, float], title: str, path: Path) -> None:
     """A round's training curves from metrics.jsonl: per stage (columns), the cross-entropy and the total loss
-    (top) and each auxiliary loss unweighted, its weight in the legend (bottom). Each step's value is drawn thin,
-    the mean over the last few steps thick (batches of different languages make single steps noisy)."""
+    (top) and each auxiliary loss unweighted, its weight in the legend (bottom). The mean over the last few steps
+    is drawn thick, each step's value thin (batches of different languages make single steps noisy; not for the
+    total, which would hide the cross-entropy's)."""
     plt = pyplot()
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages), 6), squeeze=False, sharex="col",
                              gridspec_kw={"height_ratios": [3, 2]})
@@ -169,13 +172,14 @@ def plot_loss_curves(stages: dict[int, list[dict]], weights: dict[str, float], t
         steps = [r["step"] for r in records]
         window = max(1, min(len(steps) // 8, 200))
 
-        def draw(ax, key: str, label: str, color: str, **style) -> None:
+        def draw(ax, key: str, label: str, color: str, each_step: bool = True, **style) -> None:
             values = [r[key] for r in records]
-            ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.35)
+            if each_step:
+                ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.35)
             ax.plot(steps, trailing_mean(values, window), color=color, linewidth=2, label=label, **style)
 
         draw(top, "ce", "cross-entropy", "tab:blue")
-        draw(top, "total", "total (optimised)", "black", linestyle="--")
+        draw(top, "total", "total (optimised)", "black", each_step=False, linestyle="--")
         top.set_title(f"stage {stage}: {'new experts + routers' if stage == 1 else 'routers + classifiers'}")
         top.set_ylabel("loss")
         top.grid(alpha=0.3)
@@ -207,7 +211,9 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]]) 
     for s, (name, values) in enumerate(series.items()):
         xs = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
         color = ROUND_COLORS[0] if s == 0 and name.startswith("base") else None
-        ax.bar(xs, [v or 0 for v in values], width, label=name, color=color)
+        bars = ax.bar(xs, [v or 0 for v in values], width, label=name, color=color)
+        if len(series) <= 4:  # the values, where they still fit above the bars
+            ax.bar_label(bars, [f"{v:.3g}" if v else "" for v in values], fontsize=8, padding=1)
     ax.set_xticks(range(len(groups)), groups)
     averages = [g for g, name in enumerate(groups) if name.endswith(" avg")]
     if averages:
