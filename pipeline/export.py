@@ -13,7 +13,7 @@ from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_layermoe.py", "modeling_layermoe.py", "router_kernel.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:

@@ -222,10 +222,14 @@ def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Pat
 
 def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allocation_file: Path,
              verification: Callable[[Any], torch.Tensor], out: Path | None) -> dict:
-    """Upcycle (dense input, checked on ``verification(tokenizer)``'s sample) or grow (expanded input)."""
+    """Upcycle (dense input, checked on ``verification(tokenizer)``'s sample) or grow (expanded input).
+
+    Both happen in float32, so the function-preservation check measures the upcycling itself, not the rounding
+    of a bfloat16 expert mix (1e-1 logit differences on real models); the result is saved in ``model.dtype``
+    (copies of bfloat16 weights are exact either way)."""
     u = settings.upcycle
     allocation = read_allocation(allocation_file)
-    model = load_causal_lm(model_path, settings.model_dtype, "cpu")
+    model = load_causal_lm(model_path, "float32", "cpu")
     expansion = ExpansionRound(rnd.name, list(rnd.languages), allocation.experts_per_layer,
                                allocation.classifier_layers)
     summary: dict = {"experts_per_layer": None}
@@ -250,7 +254,7 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
     summary["experts_per_layer"] = expanded.config.experts_per_layer
     summary["classifier_layers"] = expanded.config.classifier_layers
     if out is not None:
-        export_model(expanded, out / "model", tokenizer_from=model_path)
+        export_model(expanded.to(getattr(torch, settings.model_dtype)), out / "model", tokenizer_from=model_path)
     return summary
 
 

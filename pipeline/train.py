@@ -154,9 +154,10 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
     losses: dict[str, float] = {}
     try:
         for step in range(start, run.settings.steps):
+            lr = trainer.scheduler.get_last_lr()[0]  # the rate this step uses (engine.step moves the schedule on)
             outcome = train_step(run, trainer, step, reporter.routing)
             losses = outcome.losses
-            reporter.step_done(step, outcome, trainer.scheduler.get_last_lr()[0])
+            reporter.step_done(step, outcome, lr)
             if _periodic_checkpoint_due(run, step + 1):
                 save_checkpoint(trainer.engine, checkpoint_dir, step + 1, run.layout)
     finally:

@@ -2,7 +2,8 @@
 # Sets up everything LayerMoE needs on a Debian/Ubuntu machine: system MPI (for mpi4py), a virtual
 # environment in .venv, and the package with its extras: tests, TensorBoard (tracking), lm-evaluation-harness
 # (harness). Safe to re-run.
-#   TORCH_SPEC   pip requirement for torch (default torch==2.13.0, the CPU wheel this project is tested with)
+#   TORCH_SPEC   pip requirement for torch (default torch==2.13.0, the CPU wheel this project is tested with); the
+#                test extra pins triton 3.7.1, the version torch 2.13.0 declares (the router-kernel tests need it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -94,13 +94,21 @@ def tiny_config(model_type: str, vocab_size: int = 512, layers: int = 3):
     return cls(**common)
 
 
-def make_tiny_model(root: Path, model_type: str, tokenizer_dir: Path | None = None, seed: int = 0,
-                    layers: int = 3) -> Path:
-    """Save a tiny random model (and the test tokenizer) as an HF directory; returns it."""
+def tiny_model(model_type: str, seed: int = 0, layers: int = 3, **config):
+    """A tiny random model (fp32, in memory); ``config`` sets further config fields (e.g. attention_dropout)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers=layers))
+    settings = tiny_config(model_type, layers=layers)
+    for key, value in config.items():
+        setattr(settings, key, value)
+    return AutoModelForCausalLM.from_config(settings)
+
+
+def make_tiny_model(root: Path, model_type: str, tokenizer_dir: Path | None = None, seed: int = 0,
+                    layers: int = 3, **config) -> Path:
+    """Save a tiny random model (``tiny_model``) and the test tokenizer as an HF directory; returns it."""
+    model = tiny_model(model_type, seed, layers, **config)
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root)
     if tokenizer_dir is not None:
@@ -114,3 +122,13 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def train_setup(tmp_path_factory, tokenizer_dir) -> Path:
+    """Training runs: 2-layer tiny Llamas ``dense`` and ``dense_dropout`` (attention dropout 0.3: randomness in every
+    training step) and 300 documents each of en, el, hu."""
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_model(root / "dense", "llama", tokenizer_dir, seed=2, layers=2)
+    make_tiny_model(root / "dense_dropout", "llama", tokenizer_dir, seed=2, layers=2, attention_dropout=0.3)
+    for lang in ("en", "el", "hu"):
+        write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 300, seed=11))
+    return root

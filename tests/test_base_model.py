@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, tiny_model
 from pipeline.base_model import ffn_modules, load_causal_lm, read_model_config
 from pipeline.errors import LayerMoEError
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma3_text"])
 def test_supported_architectures_load(tmp_path, model_type):
-    path = make_tiny_model(tmp_path / model_type, model_type, layers=2)
+    path = make_tiny_model(tmp_path / model_type, model_type, seed=4, layers=2)
     model = load_causal_lm(path)
     assert len(ffn_modules(model)) == 2
     assert not model.training
+    saved = tiny_model(model_type, seed=4, layers=2).eval()  # the model make_tiny_model saved
+    ids = torch.randint(4, 400, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, saved(ids).logits)
 
 
 def test_unsupported_architecture(tmp_path):

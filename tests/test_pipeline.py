@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from pipeline.allocate import reference_allocation
 from pipeline.analyze import language_means
 from pipeline.base_model import load_causal_lm
 from pipeline.cli import main
@@ -57,7 +59,13 @@ def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_
     assert set(sim["pairs"]) == {"en|el", "en|hu", "en|tr", "el|hu", "el|tr", "hu|tr"}
     assert sim["tokens"] == {lang: 500 for lang in ("en", "el", "hu", "tr")}
     alloc = json.loads((g1 / "allocate" / "allocation.json").read_text())
-    assert sum(alloc["experts_per_layer"]) >= 9 and len(alloc["classifier_layers"]) == 2
+    # the configured method (reference, delta 9) applied to this run's layer scores; classifiers in the two most
+    # similar MoE layers
+    scores = sim["layer_scores"]
+    assert alloc["experts_per_layer"] == reference_allocation(scores, 9)
+    moe_layers = [i for i, n in enumerate(alloc["experts_per_layer"]) if n > 1]
+    assert alloc["classifier_layers"] == sorted(sorted(moe_layers, key=lambda i: -scores[i])[:2])
+    assert reference_allocation(scores[::-1], 9) != alloc["experts_per_layer"]  # a reversed score list would show
     assert alloc["new_experts_per_layer"] == [n - 1 for n in alloc["experts_per_layer"]]
     for stage in ("analyze", "allocate"):
         manifest = json.loads((g1 / stage / "manifest.json").read_text())
@@ -82,7 +90,8 @@ def test_run_writes_contract_artifacts_and_skips_when_unchanged(run_config, tmp_
     assert main(["allocate", str(run_config), "allocate.delta=12", "--round", "g1"]) == 0
     err = capsys.readouterr().err
     assert "g1/allocate: inputs or settings changed" in err and "analyze" not in err
-    assert sum(json.loads((g1 / "allocate" / "allocation.json").read_text())["experts_per_layer"]) >= 12
+    assert json.loads((g1 / "allocate" / "allocation.json").read_text())["experts_per_layer"] == \
+        reference_allocation(scores, 12)
 
 
 def test_analyze_hooks_the_moe_block_of_an_expanded_model(run_config, tmp_path):
@@ -108,6 +117,31 @@ def test_failing_stage_leaves_nothing_partial(run_config, tmp_path):
     assert (g1 / "analyze" / "manifest.json").exists()
     assert not (g1 / "allocate").exists()
     assert not [p for p in g1.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_an_upcycled_model_that_does_not_reproduce_the_dense_one_stops_the_run(run_config, tmp_path):
+    """The upcycle check with a tolerance below float32 rounding: exit 2, one line, no upcycle directory."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(run_config), "--until", "upcycle",
+                           "upcycle.verify_tolerance=1e-30"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "upcycled model does not reproduce the dense model: max logit difference" in errors[0]
+    assert "> upcycle.verify_tolerance 1e-30" in errors[0] and "Traceback" not in proc.stderr
+    g1 = tmp_path / "runs" / "t" / "g1"
+    assert (g1 / "allocate" / "allocation.json").exists() and not (g1 / "upcycle").exists()
+    assert not [p.name for p in g1.iterdir() if p.name.startswith(".")]
+
+
+def test_an_unexpected_exception_is_not_a_clean_exit(run_config):
+    """A bug (here a stage that raises ZeroDivisionError) keeps its traceback and exits 1, unlike bad input (2)."""
+    script = ("import dataclasses, sys\nfrom pipeline import stages\nfrom pipeline.cli import main\n"
+              "def broken(*args, **kwargs):\n    return 1 / 0\n"
+              "stages.STAGES = tuple(dataclasses.replace(s, run=broken) if s.name == 'analyze' else s "
+              "for s in stages.STAGES)\n"
+              f"sys.exit(main(['analyze', {str(run_config)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ZeroDivisionError: division by zero" in proc.stderr
 
 
 def test_bad_config_exits_nonzero_with_one_clear_line(run_config):
@@ -140,3 +174,22 @@ def test_a_run_directory_of_another_experiment_is_refused_unless_starting_over(r
     assert json.loads((run_dir / "config.json").read_text())["old_languages"] == ["en", "el"]
     assert json.loads((run_dir / "g1" / "analyze" / "similarity.json").read_text())["languages"]["old"] == ["en", "el"]
     assert saved != (run_dir / "config.json").read_text()
+
+
+def test_a_bfloat16_model_upcycles_within_the_default_tolerance_and_stays_bfloat16(run_config, tmp_path):
+    """The paper configs use model.dtype bfloat16: the function-preservation check runs in float32 (bf16 rounding of
+    the expert mix is not a broken upcycle), and the expanded model is saved in bfloat16 with exact expert copies."""
+    assert main(["run", str(run_config), "--until", "upcycle", "model.dtype=bfloat16"]) == 0
+    upcycle_dir = tmp_path / "runs" / "t" / "g1" / "upcycle"
+    summary = json.loads((upcycle_dir / "manifest.json").read_text())["summary"]
+    assert summary["max_logit_difference"] <= 1e-3
+    model = load_causal_lm(upcycle_dir / "model", "bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(str(upcycle_dir / "model" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"BF16"}
+    block = next(m for m in model.modules() if is_moe_block(m))
+    for name, tensor in block.experts[0].state_dict().items():
+        for expert in list(block.experts)[1:]:
+            assert torch.equal(expert.state_dict()[name], tensor)

@@ -1,10 +1,13 @@
-"""Training stages on tiny random models: losses, what is trained, routing behaviour, resume, multi-process."""
+"""Training stages on tiny random models: losses and routing statistics by hand, the lr schedule, what is trained,
+routing behaviour, resume (also mid-run, in another layout, with dropout), multi-process (2 and 4 ranks), Ctrl-C."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import synthetic_documents
 from pipeline.base_model import load_causal_lm
-from pipeline.config import installed
+from pipeline.config import StageTrainConfig, installed
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
 from pipeline.ranks import free_port
 from pipeline.losses import classifier_loss, load_balance, lpr, next_token_loss, stage_loss
+from pipeline.routing_stats import LayerRouting, RoutingStats
+from pipeline.train import lr_multiplier, trainable_roles
 from pipeline.upcycle import parameter_roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,30 +85,154 @@ def test_classifier_and_ce_by_hand():
     assert next_token_loss(logits, ids).item() == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
 
 
-def test_stage_loss_combines_terms():
-    r = record([[1.0, 0.0, 0.5]] * 4, [[0, 2]] * 4, classifier_logits=[[0.3, 0.1]] * 4, sent=[True] * 4)
-    logits, ids = torch.randn(1, 4, 7), torch.randint(0, 7, (1, 4))
-    original = torch.tensor([[True, False, True, True]])
-    s1 = stage_loss(1, logits, ids, {0: r}, original, alpha=0.5)
-    assert s1.total.item() == pytest.approx(s1.ce.item() + 0.5 * s1.balance.item())
-    s2 = stage_loss(2, logits, ids, {0: r}, original, gamma=0.2, beta=0.3)
-    assert s2.total.item() == pytest.approx(s2.ce.item() + 0.2 * s2.lpr.item() + 0.3 * s2.classifier.item())
+def routed_records(mask: torch.Tensor) -> dict[int, RoutingRecord]:
+    """The routing records of a real forward through two MoE blocks sharing a routing context: layer 0 with 4
+    experts and a classifier that decides both ways (the "new" tokens are routed), layer 1 with 3 experts."""
+    from test_moe import dense_model, perturb_experts_of
+
+    from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock, RoutingContext
+
+    dense = dense_model(layers=2)
+    context = RoutingContext()
+    blocks = {0: LayerMoEBlock(dense.model.layers[0].mlp, 4, 32, 2, classifier=True, context=context),
+              1: LayerMoEBlock(dense.model.layers[1].mlp, 3, 32, 2, context=context)}
+    perturb_experts_of(blocks[0])
+    context.attention_mask = mask
+    hidden = torch.randn(*mask.shape, 32, generator=torch.Generator().manual_seed(5))
+    for block in blocks.values():
+        hidden = block(hidden)
+    return {i: block.last_routing for i, block in blocks.items()}
+
+
+def loss_inputs():
+    """(logits, input ids, original-language mask, padding mask, routing records) of 3 sequences of 9 tokens: the
+    first is an original-language sequence with 3 padding positions, the second new, the third original."""
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(3, 9, 11, generator=g), torch.randint(0, 11, (3, 9), generator=g)
+    original = torch.tensor([True, False, True]).unsqueeze(1).expand(3, 9)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    return logits, ids, original, mask, routed_records(mask)
+
+
+def by_hand_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position: -log softmax(logits[t])[ids[t + 1]]."""
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
+
+
+def by_hand_gated(r: RoutingRecord) -> torch.Tensor:
+    """Tokens the classifier sends to expert 0 (class OLD = 0 wins), from its logits."""
+    if r.classifier_logits is None:
+        return torch.zeros(len(r.router_logits), dtype=torch.bool)
+    return r.classifier_logits[:, 0] > r.classifier_logits[:, 1]
+
+
+def by_hand_balance(records: dict[int, RoutingRecord], valid: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """Mean over layers of E * sum_e f_e P_e over the routed tokens (valid, not sent to expert 0): f_e = share of
+    the top-k slots that chose e, P_e = mean router probability of e."""
+    balances = []
+    for r in records.values():
+        probs = torch.softmax(r.router_logits, dim=-1)
+        routed = valid & ~by_hand_gated(r)
+        if not routed.any():  # every token sent to expert 0: nothing to balance
+            balances.append(torch.zeros(()))
+            continue
+        top = probs[routed].topk(k, dim=-1).indices
+        share = torch.stack([(top == e).sum() for e in range(probs.shape[1])]).float() / top.numel()
+        balances.append(probs.shape[1] * (share * probs[routed].mean(0)).sum())
+    return sum(balances) / len(balances)
+
+
+def by_hand_lpr(records: dict[int, RoutingRecord], on_original: torch.Tensor, form: str) -> torch.Tensor:
+    """Mean over layers of the language-prior loss over the (valid) original-language tokens ``on_original``."""
+    lprs = []
+    for r in records.values():
+        probs = torch.softmax(r.router_logits[on_original], dim=-1)
+        if form == "paper":  # -log p_0
+            lprs.append(-probs[:, 0].log().mean())
+        else:  # cross-entropy applied to the probabilities: -log(exp(p_0) / sum_e exp(p_e))
+            lprs.append((probs.exp().sum(-1).log() - probs[:, 0]).mean())
+    return sum(lprs) / len(lprs)
+
+
+def by_hand_classifier(records: dict[int, RoutingRecord], valid: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Mean over classifier layers of the cross-entropy of the valid tokens against OLD = 0 for original-language
+    tokens, NEW = 1 for the others."""
+    labels = (~original[valid]).long()
+    losses = [-torch.log_softmax(r.classifier_logits[valid], -1).gather(1, labels.unsqueeze(1)).mean()
+              for r in records.values() if r.classifier_logits is not None]
+    return sum(losses) / len(losses)
+
+
+def test_stage1_total_is_ce_plus_alpha_times_the_balance_of_the_routed_tokens():
+    logits, ids, original, mask, records = loss_inputs()
+    valid = mask.reshape(-1).bool()
+    gated = by_hand_gated(records[0])
+    assert (valid & gated).any() and (valid & ~gated).any()  # the classifier decides both ways
+    balance = by_hand_balance(records, valid)
+    assert balance > 0.5  # routed tokens: the term is not 0
+    parts = stage_loss(1, logits, ids, records, original, alpha=0.5)
+    assert parts.ce.item() == pytest.approx(by_hand_ce(logits, ids).item(), rel=1e-6)
+    assert parts.balance.item() == pytest.approx(balance.item(), rel=1e-6)
+    assert parts.total.item() == pytest.approx((by_hand_ce(logits, ids) + 0.5 * balance).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("form", ["paper", "double_softmax"])
+def test_stage2_total_is_ce_plus_gamma_lpr_on_original_tokens_plus_beta_classifier(form):
+    logits, ids, original, mask, records = loss_inputs()
+    valid, flat_original = mask.reshape(-1).bool(), original.reshape(-1)
+    lpr_value = by_hand_lpr(records, valid & flat_original, form)
+    classifier = by_hand_classifier(records, valid, flat_original)
+    parts = stage_loss(2, logits, ids, records, original, gamma=0.2, beta=0.3, lpr_form=form)
+    assert parts.lpr.item() == pytest.approx(lpr_value.item(), rel=1e-6)
+    assert parts.classifier.item() == pytest.approx(classifier.item(), rel=1e-6)
+    expected = by_hand_ce(logits, ids) + 0.2 * lpr_value + 0.3 * classifier
+    assert parts.total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_routing_stats_by_hand():
+    # layer 0: 3 experts, no classifier; the last token is padding
+    plain = record([[0.0] * 3] * 5, [[0, 1], [2, 0], [1, 2], [0, 2], [1, 0]], valid=[True, True, True, True, False])
+    # layer 1: 4 experts, a classifier that sends tokens 0 and 3 to expert 0 (class OLD wins)
+    gated = record([[0.0] * 4] * 5, [[1, 2], [3, 1], [0, 1], [2, 1], [1, 3]],
+                   classifier_logits=[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]],
+                   sent=[True, False, False, True, False])
+    original = torch.tensor([True, False, True, False, True])
+    stats = RoutingStats()
+    stats.add({0: plain, 1: gated}, original)
+    summary = stats.summary()
+    # layer 0: slots of the 4 valid tokens: expert 0 x3, 1 x2, 2 x3; original valid tokens 0 and 2, top-1 0 and 1
+    assert summary[0] == LayerRouting(experts=3, load=[3, 2, 3], load_max_over_mean=pytest.approx(3 / (8 / 3)),
+                                      dead_experts=0, original_top1_expert0=0.5, classifier_accuracy=None)
+    # layer 1: gated tokens 0 and 3 count once for expert 0; routed tokens 1, 2, 4: 3 1 | 0 1 | 1 3;
+    # original tokens 0 (gated: top-1 is 0), 2 (top-1 0), 4 (top-1 1); classifier right on tokens 0 and 1 of 5
+    assert summary[1] == LayerRouting(experts=4, load=[3, 3, 0, 2], load_max_over_mean=1.5, dead_experts=1,
+                                      original_top1_expert0=pytest.approx(2 / 3), classifier_accuracy=0.4)
+    assert stats.one_line() == "load max/mean 1.31, dead experts 1, orig->expert0 58.3%, classifier acc 40.0%"
+    stats.add({0: plain, 1: gated}, original)  # accumulates: counts double, shares stay
+    assert stats.summary()[1].load == [6, 6, 0, 4] and stats.summary()[1].classifier_accuracy == 0.4
+    assert RoutingStats().one_line() == "no MoE layers"
+
+
+def test_lr_multiplier_by_hand():
+    settings = StageTrainConfig(steps=10, warmup_steps=4, min_lr_ratio=0.1)
+    # warmup: (step + 1) / 4; then 0.1 + 0.9 * (1 + cos(pi * (step - 4) / 6)) / 2
+    expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: 0.1 + 0.9 * 0.75, 7: 0.55, 8: 0.1 + 0.9 * 0.25, 10: 0.1, 13: 0.1}
+    for step, value in expected.items():
+        assert lr_multiplier(step, settings) == pytest.approx(value, abs=1e-12), step
+    no_warmup = StageTrainConfig(steps=4, warmup_steps=0, min_lr_ratio=0.0)
+    assert [lr_multiplier(s, no_warmup) for s in range(5)] == pytest.approx([1.0, 0.5 + 0.5 * 2 ** -0.5, 0.5,
+                                                                             0.5 - 0.5 * 2 ** -0.5, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # training runs (tiny model, real DeepSpeed engine)
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def train_setup(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("train")
-    make_tiny_model(root / "dense", "llama", tokenizer_dir, seed=2, layers=2)
-    for lang in ("en", "el", "hu"):
-        write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 300, seed=11))
-    return root
-
-
-def write_config(root: Path, run_dir: Path, **train) -> Path:
+def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict | None = None, **train) -> Path:
+    """A run config for ``train_setup``'s model ``model``: round g1 adds el and hu to en; ``train`` updates the
+    train section (``stage1``/``stage2`` their defaults here), ``sections`` replaces other top-level sections."""
     stage1 = dict(steps=30, lr=0.003, warmup_steps=2, micro_batch_size=4, block_length=48, tokens_per_language=15000)
     stage2 = dict(steps=40, lr=0.05, warmup_steps=2, micro_batch_size=4, block_length=48, tokens_per_language=6000,
                   replay_tokens_per_language=6000)
@@ -112,12 +241,13 @@ def write_config(root: Path, run_dir: Path, **train) -> Path:
     body = {
         "name": "t", "run_dir": str(run_dir), "old_languages": ["en"],
         "rounds": [{"name": "g1", "languages": ["el", "hu"]}],
-        "model": {"path": str(root / "dense")},
+        "model": {"path": str(root / model)},
         "data": {"builtin_corpus": "none", "sources": {l: {"path": str(root / f"{l}.jsonl")} for l in ("en", "el", "hu")}},
         "analyze": {"tokens_per_language": 300, "max_length": 48},
         "evaluate": {"tokens_per_language": 960, "block_length": 48, "translation_sentences": 0},
         "allocate": {"method": "explicit", "explicit": [3, 2], "classifier_layers": [0, 1]},
         "train": {"stats_every": 10, "stage1": stage1, "stage2": stage2, **train},
+        **(sections or {}),
     }
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(json.dumps(body))
@@ -136,10 +266,34 @@ def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=600, **kwargs)
 
 
+PREPARED_BY = ("name", "seed", "old_languages", "rounds", "model", "data", "analyze", "allocate", "upcycle")
+
+
 def prepare(config: Path) -> None:
-    """analyze, allocate and upcycle: the stages before training."""
-    proc = run_cli(["run", str(config), "--until", "upcycle"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """analyze, allocate and upcycle: the stages before training, run once per distinct setting of what they
+    depend on (next to the model, under ``prepared/``) and copied into the config's run directory."""
+    body = json.loads(config.read_text())
+    key = json.dumps({k: body.get(k) for k in PREPARED_BY}, sort_keys=True)
+    prepared = Path(body["model"]["path"]).parent / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not prepared.exists():
+        proc = run_cli(["run", str(config), "--until", "upcycle", f"run_dir={prepared}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(prepared, body["run_dir"])
+
+
+STEP_LINE = re.compile(r"stage (?P<stage>\d) step (?P<step>\d+)/\d+ \| loss (?P<loss>\S+) \| (?P<terms>.*?) \| "
+                       r"lr (?P<lr>\S+) \|")
+
+
+def step_log(log: str, stage: int) -> dict[int, dict[str, float]]:
+    """Step -> what a training stage's log line for it says: ``total``, each loss part (unscaled) and ``lr``."""
+    steps = {}
+    for m in STEP_LINE.finditer(log):
+        if int(m["stage"]) == stage:
+            terms = re.sub(r"\(.*?\)", "", m["terms"]).split()
+            steps[int(m["step"])] = {"total": float(m["loss"]), "lr": float(m["lr"]),
+                                     **{name: float(value) for name, value in zip(terms[::2], terms[1::2])}}
+    return steps
 
 
 def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
@@ -209,6 +363,13 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     assert share(stats2[-1]) > share(stats2[0]) or share(stats2[-1]) > 0.95
     assert accuracy(stats2[-1]) > accuracy(stats2[0]) and accuracy(stats2[-1]) > 0.8
     assert "stage 1 step 30/30" in proc.stderr and "tok/s" in proc.stderr and "ETA" in proc.stderr
+    # the learning rate logged for a step is the one that step used: warmup, then cosine decay
+    for stage, lr in ((1, 0.003), (2, 0.05)):
+        settings = StageTrainConfig(steps=30 if stage == 1 else 40, lr=lr, warmup_steps=2)
+        logged = step_log(proc.stderr, stage)
+        assert sorted(logged) == list(range(1, settings.steps + 1))
+        for step, values in logged.items():
+            assert values["lr"] == pytest.approx(lr * lr_multiplier(step - 1, settings), rel=5e-3), (stage, step)
     manifest = json.loads((g1 / "train_stage2" / "manifest.json").read_text())
     assert manifest["summary"]["steps"] == 40
 
@@ -299,7 +460,7 @@ def state(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path):
-    common = dict(stage1=dict(steps=160, block_length=96, micro_batch_size=8), checkpoint_every=40)
+    common = dict(model="dense_dropout", stage1=dict(steps=40), checkpoint_every=10)
     reference = write_config(train_setup, tmp_path / "ref", **common)
     prepare(reference)
     assert run_cli(["train", str(reference), "--stage", "1"]).returncode == 0
@@ -310,7 +471,7 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(killed), "--stage", "1"], cwd=ROOT,
                             env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        if "checkpoint step40 saved" in line:
+        if "checkpoint step10 saved" in line:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
@@ -320,7 +481,7 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
     # resumed with other tracking settings (a run setting): the checkpoints are kept, the run continues
     resumed = run_cli(["train", str(killed), "--stage", "1", "train.tracking.wandb_project=elsewhere"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "at step 40" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "at step 10" in resumed.stderr
     a, b = state(tmp_path / "ref" / "g1" / "train_stage1" / "model"), state(stage_dir / "model")
     assert a.keys() == b.keys()
     for key in a:
@@ -336,12 +497,12 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
     assert tokens == sorted(tokens) and tokens[-1] == reference_metrics[-1]["tokens"]
 
 
-def torchrun(config: Path, stage: int, *overrides: str) -> subprocess.CompletedProcess:
-    """``stages/train.py`` on 2 gloo ranks under torchrun."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), "stages/train.py", "--config", str(config),
-                           "--stage", str(stage), *overrides], cwd=ROOT, env=clean_env(), capture_output=True,
-                          text=True, timeout=600)
+def torchrun(config: Path, stage: int, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``stages/train.py`` on ``processes`` gloo ranks under torchrun."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "stages/train.py",
+                           "--config", str(config), "--stage", str(stage), *overrides], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -356,10 +517,9 @@ def assert_same_weights(a: Path, b: Path, exact: bool = False) -> None:
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("ds_config, ep_size", [("ds_configs/zero1_fp32.json", 1), ("ds_configs/zero2_fp32.json", 1),
-                                                ("ds_configs/zero1_fp32.json", 2), ("ds_configs/zero2_fp32.json", 2),
-                                                ("ds_configs/cpu_fp32.json", 2)])
-def test_two_processes_match_one(train_setup, tmp_path, ds_config, ep_size):
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero1_fp32.json", "ds_configs/zero2_fp32.json",
+                                       "ds_configs/cpu_fp32.json"])
+def test_two_processes_match_one(train_setup, tmp_path, ds_config):
     """2 gloo ranks = 1 process with 2 accumulation steps: data parallel (ZeRO-1 / ZeRO-2; without ZeRO the
     gradient norm is this package's, over expert shards), and with ep_size=2 also expert parallel, with uneven
     experts (layer 0: 2 new experts, one per rank; layer 1: 1 new expert, so one rank holds none of that layer)."""
@@ -367,54 +527,139 @@ def test_two_processes_match_one(train_setup, tmp_path, ds_config, ep_size):
                        stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=2),
                        stage2=dict(steps=4, micro_batch_size=2, gradient_accumulation=2))
     prepare(one)
-    two = write_config(train_setup, tmp_path / "two", ds_config=ds_config, ep_size=ep_size,
-                       stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1),
-                       stage2=dict(steps=4, micro_batch_size=2, gradient_accumulation=1))
-    prepare(two)
-    stages = (1, 2) if ep_size > 1 else (1,)  # stage 2 under expert parallelism: experts frozen but sharded
-    for stage in stages:
+    g1 = tmp_path / "one" / "g1"
+    for stage in (1, 2):
         proc = run_cli(["train", str(one), "--stage", str(stage)])
         assert proc.returncode == 0, proc.stderr[-3000:]
-        proc = torchrun(two, stage)
-        assert f"ep_size {ep_size}" in proc.stderr
-        a, b = (root / "g1" / f"train_stage{stage}" / "model" for root in (tmp_path / "one", tmp_path / "two"))
-        assert_same_weights(a, b)
-        before = state(tmp_path / "one" / "g1" / ("upcycle" if stage == 1 else "train_stage1") / "model")
-        assert any(not torch.equal(before[k], v) for k, v in state(a).items())
-        loss = [json.loads((root / "g1" / f"train_stage{stage}" / "manifest.json").read_text())["summary"]["final_loss"]
-                for root in (tmp_path / "one", tmp_path / "two")]
-        assert loss[0] == pytest.approx(loss[1], rel=1e-5)  # the last step's loss over the whole batch
-        # the gradient norm of every step is the whole batch's: the same in 1 and 2 processes
-        norms = [[json.loads(line)["grad_norm"] for line in (root / "g1" / f"train_stage{stage}" / "metrics.jsonl")
-                  .read_text().splitlines()] for root in (tmp_path / "one", tmp_path / "two")]
-        assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[0]) > 0
+        before = state(g1 / ("upcycle" if stage == 1 else "train_stage1") / "model")
+        assert any(not torch.equal(before[k], v) for k, v in state(g1 / f"train_stage{stage}" / "model").items())
+    for ep_size in (1, 2):
+        two = write_config(train_setup, tmp_path / f"two_ep{ep_size}", ds_config=ds_config, ep_size=ep_size,
+                           stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=1),
+                           stage2=dict(steps=4, micro_batch_size=2, gradient_accumulation=1))
+        prepare(two)
+        for stage in (1, 2) if ep_size > 1 else (1,):  # stage 2 under expert parallelism: experts frozen but sharded
+            proc = torchrun(two, stage)
+            assert f"ep_size {ep_size}" in proc.stderr
+            a, b = (root / f"train_stage{stage}" for root in (g1, tmp_path / f"two_ep{ep_size}" / "g1"))
+            assert_same_weights(a / "model", b / "model")
+            loss = [json.loads((d / "manifest.json").read_text())["summary"]["final_loss"] for d in (a, b)]
+            assert loss[0] == pytest.approx(loss[1], rel=1e-5), ep_size  # the last step's loss over the whole batch
+            # the gradient norm of every step is the whole batch's: the same in 1 and 2 processes
+            norms = [[json.loads(line)["grad_norm"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+                     for d in (a, b)]
+            assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[0]) > 0, ep_size
 
 
-@pytest.mark.parametrize("ds_config", ["ds_configs/cpu_fp32.json", "ds_configs/zero2_fp32.json"])
-def test_expert_parallel_checkpoints_resume_and_load_into_one_process(train_setup, tmp_path, ds_config):
-    config = write_config(train_setup, tmp_path / "ep", ds_config=ds_config, ep_size=2,
+def cut_back(checkpoints: Path, exported: Path, step: int) -> None:
+    """What an interruption right after checkpoint ``step`` leaves: no later checkpoint, no exported stage."""
+    for tag in checkpoints.glob("step*"):
+        if int(tag.name.removeprefix("step")) > step:
+            shutil.rmtree(tag)
+    (checkpoints / "latest").write_text(f"step{step}")
+    shutil.rmtree(exported)
+
+
+# Adam's step per element is at most lr * (1 - beta1) / sqrt(1 - beta2) (Kingma & Ba, 2.1), with AdamW's defaults
+ADAM_STEP_BOUND = (1 - 0.9) / math.sqrt(1 - 0.999)
+
+
+@pytest.mark.parametrize("ds_config, mid_run_in_another_layout", [("ds_configs/cpu_fp32.json", True),
+                                                                   ("ds_configs/zero2_fp32.json", False)])
+def test_expert_parallel_checkpoints_resume_and_load_into_one_process(train_setup, tmp_path, ds_config,
+                                                                      mid_run_in_another_layout):
+    """ep_size=2 on 2 ranks, a model with attention dropout, 6 steps with a checkpoint after step 3. (Resuming in
+    another layout does not depend on the ZeRO stage: DeepSpeed's checkpoint is not read then; once is enough.)"""
+    config = write_config(train_setup, tmp_path / "ep", model="dense_dropout", ds_config=ds_config, ep_size=2,
                           checkpoint_every=3, stage1=dict(steps=6, micro_batch_size=2))
     prepare(config)
-    torchrun(config, 1)
+    first = step_log(torchrun(config, 1).stderr, 1)
     g1 = tmp_path / "ep" / "g1"
     checkpoints, exported = g1 / "train_stage1.checkpoints", g1 / "train_stage1"
     shutil.copytree(exported / "model", tmp_path / "uninterrupted")
     for tag in ("step3", "step6"):
         assert {f.name for f in (checkpoints / tag).glob("experts_ep*")} == {"experts_ep0.safetensors",
                                                                               "experts_ep1.safetensors"}
-    # interrupted after step 3: resuming with the same layout continues exactly
-    shutil.rmtree(checkpoints / "step6")
-    (checkpoints / "latest").write_text("step3")
-    shutil.rmtree(exported)
-    proc = torchrun(config, 1)
-    assert "at step 3" in proc.stderr
-    assert_same_weights(tmp_path / "uninterrupted", exported / "model", exact=True)
     # the ep_size=2 checkpoint of step 6 in one process with ep_size=1: the same weights
     shutil.rmtree(exported)
     proc = run_cli(["train", str(config), "--stage", "1", "train.ep_size=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "with another layout" in proc.stderr and "at step 6" in proc.stderr
     assert_same_weights(tmp_path / "uninterrupted", exported / "model", exact=True)
+
+    # interrupted after step 3: resuming with the same layout continues exactly (dropout: the RNG too)
+    cut_back(checkpoints, exported, 3)
+    proc = torchrun(config, 1)
+    assert "at step 3" in proc.stderr
+    assert step_log(proc.stderr, 1) == {step: first[step] for step in (4, 5, 6)}
+    assert_same_weights(tmp_path / "uninterrupted", exported / "model", exact=True)
+
+    if not mid_run_in_another_layout:
+        return
+    # ... and with another layout (ep_size=1 on the 2 ranks): steps 4-6 run with the uninterrupted run's learning
+    # rates; step 4 computes its loss with the weights of step 3, on the same batch, with the same dropout masks
+    # (only if the RNG is restored), so the loss is the uninterrupted run's; the optimizer moments start over
+    cut_back(checkpoints, exported, 3)
+    proc = torchrun(config, 1, "train.ep_size=1")
+    assert "with another layout" in proc.stderr and "at step 3" in proc.stderr
+    resumed = step_log(proc.stderr, 1)
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[step]["lr"] for step in (4, 5, 6)] == [first[step]["lr"] for step in (4, 5, 6)]
+    assert resumed[4] == pytest.approx(first[4], abs=2e-4)  # 4 decimals logged; ep_size 1 vs 2: float rounding
+    # frozen weights are untouched; trained ones differ from the uninterrupted run's by at most the sum of both
+    # runs' Adam steps over steps 4-6 (the moments differ, nothing else does)
+    bound = 2 * ADAM_STEP_BOUND * sum(first[step]["lr"] for step in (4, 5, 6))
+    uninterrupted, other = (dict(parameter_roles(load_causal_lm(path)))
+                            for path in (tmp_path / "uninterrupted", exported / "model"))
+    for role, params in uninterrupted.items():
+        for (name, a), (_, b) in zip(params, other[role]):
+            if role in trainable_roles(1, 1):
+                assert (a - b).abs().max() <= bound, name
+            else:
+                assert torch.equal(a, b), name
+
+
+def test_four_ranks_in_two_expert_parallel_groups_match_one_process(train_setup, tmp_path):
+    """ep_size=2 on 4 ranks: expert-parallel groups [0, 1] and [2, 3], expert-data-parallel groups [0, 2] and
+    [1, 3], so a rank's place in its group is not its global rank and every expert's gradient is averaged over two
+    ranks. Equals one process with 4 accumulation steps; a mid-run checkpoint (each rank reads its group's expert
+    shard) resumes exactly."""
+    no_classifiers = {"allocate": {"method": "explicit", "explicit": [3, 2], "classifier_layers": []}}  # all routed
+    one = write_config(train_setup, tmp_path / "one", sections=no_classifiers, ds_config="ds_configs/zero2_fp32.json",
+                       stage1=dict(steps=4, micro_batch_size=2, gradient_accumulation=4))
+    four = write_config(train_setup, tmp_path / "four", sections=no_classifiers, ds_config="ds_configs/zero2_fp32.json",
+                        ep_size=2, checkpoint_every=2, stage1=dict(steps=4, micro_batch_size=2))
+    for config in (one, four):
+        prepare(config)
+    proc = run_cli(["train", str(one), "--stage", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(four, 1, processes=4)
+    assert "world 4, ep_size 2" in proc.stderr
+    g1 = tmp_path / "four" / "g1"
+    assert_same_weights(tmp_path / "one" / "g1" / "train_stage1" / "model", g1 / "train_stage1" / "model")
+    before, after = (dict(parameter_roles(load_causal_lm(g1 / d / "model"))) for d in ("upcycle", "train_stage1"))
+    assert all(not torch.equal(a, b) for (_, a), (_, b) in zip(before["experts_round1"], after["experts_round1"]))
+    shutil.copytree(g1 / "train_stage1" / "model", tmp_path / "uninterrupted")
+    cut_back(g1 / "train_stage1.checkpoints", g1 / "train_stage1", 2)
+    proc = torchrun(four, 1, processes=4)
+    assert "at step 2" in proc.stderr
+    assert_same_weights(tmp_path / "uninterrupted", g1 / "train_stage1" / "model", exact=True)
+
+
+def test_ctrl_c_stops_with_status_130_and_leaves_no_partial_stage(train_setup, tmp_path):
+    config = write_config(train_setup, tmp_path / "int", stage1=dict(steps=1000))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT, env=clean_env(),
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "stage 1 step 2/1000" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest[-3000:]
+    assert "ERROR: interrupted" in rest and "Traceback" not in rest
+    g1 = tmp_path / "int" / "g1"
+    assert (g1 / "upcycle" / "manifest.json").exists() and not (g1 / "train_stage1").exists()
+    assert not [p.name for p in g1.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
 def test_ep_size_must_divide_the_number_of_processes(train_setup, tmp_path):
