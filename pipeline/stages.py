@@ -364,9 +364,9 @@ def _report_figures(config: RunConfig, round_index: int, report: EvalReport, out
     plot_perplexity(report, out / "perplexity.png")
     for q in range(round_index + 1):
         name = config.rounds[q].name
-        stages = {n: read_metrics(stage_dir(config, q, f"train_stage{n}") / METRICS_FILE) for n in (1, 2)
-                  if (stage_dir(config, q, f"train_stage{n}") / METRICS_FILE).is_file()}
-        if stages:
+        files = [(n, stage_dir(config, q, f"train_stage{n}") / METRICS_FILE) for n in (1, 2)]
+        stages = {n: records for n, path in files if path.is_file() and (records := read_metrics(path))}
+        if stages:  # (none or one stage: a run trained before metrics.jsonl existed, or resumed at its last step)
             plot_loss_curves(stages, loss_weights(config), f"{name} ({words(config.rounds[q].languages)}): training "
                              f"losses", out / f"loss_{name}.png")
             figures.append((f"loss_{name}.png", f"Training losses of round {name}"))
