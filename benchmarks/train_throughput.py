@@ -50,7 +50,7 @@ def main() -> None:
                     f"train.stage1.micro_batch_size={args.micro_batch}", f"train.stage1.block_length={args.block}",
                     f"train.ds_config={args.ds_config}", "analyze.tokens_per_language=2000"]
         prepared = Path(tmp) / "prepared"
-        print("preparing the upcycled model (analyze, allocate, upcycle) ...", flush=True)
+        print("preparing the upcycled model (tokenize, analyze, allocate, upcycle) ...", flush=True)
         run([sys.executable, "-m", "pipeline.cli", "run", args.config, "--until", "upcycle", f"run_dir={prepared}",
              *settings])
         results = {}

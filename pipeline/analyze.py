@@ -1,7 +1,8 @@
 """analyze stage: per layer, how similar the FFN inputs of the new and old languages are (docs/method.md, 3.1).
 
 Streaming and exact: hooks on every FFN module add the unit-normalised input vectors of the counted
-positions into a ``[num_layers, hidden]`` float64 sum per language. Memory does not grow with the number
+positions into a ``[num_layers, hidden]`` float64 sum per language. The tokens are each language's sample of its
+train-split token store (``pipeline.token_blocks.sample_chunks``). Memory does not grow with the number
 of tokens; padding never counts; BOS/EOS/other special tokens count only if asked. Under torch.distributed
 each rank forwards its share of the chunks and the sums are all-reduced.
 """
@@ -9,49 +10,15 @@ each rank forwards its share of the chunks and the sums are all-reduced.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Iterable
 
+import numpy as np
 import torch
 
 from pipeline import distributed, log
 from pipeline.base_model import ffn_modules
 from pipeline.errors import LayerMoEError
-
-
-@dataclass
-class Chunk:
-    """One forward pass worth of tokens, and which of its positions count."""
-
-    input_ids: list[int]
-    counted: list[bool]
-
-
-def token_chunks(documents: Iterable[str], tokenizer, tokens_per_language: int, max_length: int,
-                 include_special_tokens: bool) -> tuple[list[Chunk], int]:
-    """Tokenise documents in order into chunks of at most ``max_length`` tokens until exactly
-    ``tokens_per_language`` counted tokens are collected (or the documents run out).
-
-    Returns the chunks and the number of counted tokens. Truncating the last chunk is exact for a causal
-    model: earlier positions do not see later ones.
-    """
-    special = set(tokenizer.all_special_ids)
-    chunks: list[Chunk] = []
-    total = 0
-    for text in documents:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        for start in range(0, len(ids), max_length):
-            piece = ids[start:start + max_length]
-            counted = [include_special_tokens or t not in special for t in piece]
-            need = tokens_per_language - total
-            if sum(counted) >= need:
-                cut = [i for i, c in enumerate(counted) if c][need - 1] + 1
-                piece, counted = piece[:cut], counted[:cut]
-            chunks.append(Chunk(piece, counted))
-            total += sum(counted)
-            if total >= tokens_per_language:
-                return chunks, total
-    return chunks, total
+from pipeline.token_blocks import TokenChunk, sample_chunks
+from pipeline.token_store import TokenStore
 
 
 def add_unit_vectors(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -64,13 +31,13 @@ def add_unit_vectors(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
     acc += (weight.reshape(1, -1).float() @ unit).reshape(hidden).double()
 
 
-def _batches(chunks: list[Chunk], batch_size: int) -> list[list[Chunk]]:
+def _batches(chunks: list[TokenChunk], batch_size: int) -> list[list[TokenChunk]]:
     ordered = sorted(chunks, key=lambda c: len(c.input_ids), reverse=True)
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 @torch.inference_mode()
-def accumulate_unit_sums(model: torch.nn.Module, chunks: list[Chunk], batch_size: int, pad_id: int,
+def accumulate_unit_sums(model: torch.nn.Module, chunks: list[TokenChunk], batch_size: int, pad_id: int,
                          label: str = "") -> torch.Tensor:
     """Sum over counted positions of the unit-normalised FFN input, per layer: ``[num_layers, hidden]`` float64.
 
@@ -92,7 +59,7 @@ def accumulate_unit_sums(model: torch.nn.Module, chunks: list[Chunk], batch_size
 
     handles = [ffn.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, ffn in enumerate(ffns)]
     decoder = model.get_decoder()
-    total_tokens = sum(sum(c.counted) for c in mine)
+    total_tokens = sum(int(np.count_nonzero(c.counted)) for c in mine)
     done, started, last_report = 0, time.perf_counter(), time.perf_counter()
     try:
         for batch in _batches(mine, batch_size):
@@ -102,9 +69,9 @@ def accumulate_unit_sums(model: torch.nn.Module, chunks: list[Chunk], batch_size
             counted = torch.zeros(len(batch), length, dtype=torch.float32)
             for row, chunk in enumerate(batch):
                 n = len(chunk.input_ids)
-                ids[row, :n] = torch.tensor(chunk.input_ids)
+                ids[row, :n] = torch.as_tensor(chunk.input_ids, dtype=torch.long)
                 attention[row, :n] = 1
-                counted[row, :n] = torch.tensor(chunk.counted, dtype=torch.float32)
+                counted[row, :n] = torch.as_tensor(chunk.counted, dtype=torch.float32)
             weights["mask"] = counted.to(device)
             decoder(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
             done += int(counted.sum())
@@ -121,19 +88,22 @@ def accumulate_unit_sums(model: torch.nn.Module, chunks: list[Chunk], batch_size
     return distributed.all_reduce_sum(sums)
 
 
-def language_means(model: torch.nn.Module, tokenizer, documents: dict[str, Iterable[str]], tokens_per_language: int,
+def language_means(model: torch.nn.Module, tokenizer, stores: dict[str, TokenStore], tokens_per_language: int,
                    max_length: int, batch_size: int, include_special_tokens: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Mean unit FFN-input vector per language and layer, and the number of tokens each mean is over."""
+    """Mean unit FFN-input vector per language and layer over the first ``tokens_per_language`` counted tokens of
+    each language's store (see ``sample_chunks``), and the number of tokens each mean is over. ``tokenizer`` (the
+    stores' tokenizer) gives the padding and special token ids."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     means, counts = {}, {}
-    for i, (lang, docs) in enumerate(documents.items()):
-        chunks, count = token_chunks(docs, tokenizer, tokens_per_language, max_length, include_special_tokens)
+    for i, (lang, store) in enumerate(stores.items()):
+        chunks, count = sample_chunks(store, tokens_per_language, max_length, include_special_tokens,
+                                      tokenizer.all_special_ids)
         if count == 0:
             raise LayerMoEError(f"language {lang!r}: no tokens to analyse (empty training split?)")
         if count < tokens_per_language:
             log.warn(f"language {lang!r}: only {count:,} tokens available, fewer than the requested "
                      f"{tokens_per_language:,}; using {count:,}")
-        sums = accumulate_unit_sums(model, chunks, batch_size, pad_id, label=f"{lang} ({i + 1}/{len(documents)})")
+        sums = accumulate_unit_sums(model, chunks, batch_size, pad_id, label=f"{lang} ({i + 1}/{len(stores)})")
         means[lang] = (sums / count).cpu()
         counts[lang] = count
     return means, counts

@@ -67,6 +67,7 @@ class DataConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     heldout_fraction: float = 0.05
     split_seed: int = 0
+    tokenize_workers: int | None = None  # processes that tokenize per rank; default: this rank's share of the cores
 
 
 @dataclass
@@ -199,7 +200,7 @@ class ExportConfig:
 
 @dataclass
 class LaunchConfig:
-    """How ``layermoe run`` starts the stages that split work over ranks (analyze, training)."""
+    """How ``layermoe run`` starts the stages that split work over ranks (tokenize, analyze, training)."""
 
     processes_per_node: int = 1  # > 1: those stages run under the DeepSpeed launcher with this many processes
     require_gpus: bool = False  # refuse to start (Slurm preflight) on a node without GPUs
@@ -426,6 +427,8 @@ def validate(config: RunConfig) -> RunConfig:
             _require(lang not in seen, where, f"language {lang!r} already appears in {seen.get(lang)}")
             seen[lang] = where
     _require(0 < config.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
+    _require(config.data.tokenize_workers is None or config.data.tokenize_workers >= 1, "data.tokenize_workers",
+             "must be >= 1 (or null: this rank's share of the cores)")
     a = config.analyze
     _require(a.tokens_per_language > 0, "analyze.tokens_per_language", "must be positive")
     _require(a.max_length >= 2, "analyze.max_length", "must be >= 2")

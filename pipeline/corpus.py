@@ -121,8 +121,8 @@ def is_heldout(text: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def iter_documents(source: LanguageSource, split: Split, heldout_fraction: float, seed: int) -> Iterator[str]:
-    """Stream the non-empty documents of one split (surrounding whitespace stripped), in corpus order.
+def iter_split_documents(source: LanguageSource, heldout_fraction: float, seed: int) -> Iterator[tuple[Split, str]]:
+    """Stream every non-empty document (surrounding whitespace stripped) with its split, in corpus order.
     An empty corpus is an error."""
     any_text = False
     for text in _raw_texts(source):
@@ -130,13 +130,11 @@ def iter_documents(source: LanguageSource, split: Split, heldout_fraction: float
         if not text:
             continue
         any_text = True
-        if is_heldout(text, heldout_fraction, seed) == (split == "heldout"):
-            yield text
+        yield ("heldout" if is_heldout(text, heldout_fraction, seed) else "train"), text
     if not any_text:
         raise LayerMoEError(f"language {source.language!r}: corpus {str(source.path)!r} has no non-empty documents")
 
 
-def language_documents(config: RunConfig, language: str, split: Split) -> Iterator[str]:
-    """Documents of ``language`` for ``split``, as configured in ``config``."""
-    source = resolve_source(config, language)
-    return iter_documents(source, split, config.data.heldout_fraction, config.data.split_seed)
+def source_size(source: LanguageSource) -> int:
+    """Bytes on disk of the files a source reads (for progress estimates)."""
+    return sum(Path(f).stat().st_size for f in _data_files(source.path))

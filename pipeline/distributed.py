@@ -58,3 +58,21 @@ def barrier() -> None:
     """Wait for all ranks (no-op in a single process)."""
     if current().world_size > 1:
         dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """``obj`` as rank 0 has it, on every rank (``obj`` itself in a single process); a picklable object."""
+    if current().world_size > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process); a picklable object. Also a barrier."""
+    if current().world_size > 1:
+        gathered = [None] * current().world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]

@@ -1,8 +1,8 @@
 """evaluate stage: per-language perplexity, forgetting, routing behaviour and translation for the base model
 and every expanded model of the run so far; report.json, report.md and plots.
 
-All models are scored on the same held-out blocks (the models share the base tokenizer), so perplexities are
-directly comparable. Group averages follow the paper: old = the base model's languages, new = every language
+All models are scored on the same held-out blocks (the leading blocks of each language's held-out token store; the
+models share the base tokenizer), so perplexities are directly comparable. Group averages follow the paper: old = the base model's languages, new = every language
 added by an expansion round.
 """
 
@@ -23,16 +23,18 @@ from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import HarnessConfig, RunConfig
-from pipeline.corpus import builtin_corpus, language_documents, resolve_source
+from pipeline.corpus import builtin_corpus
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, TranslationExample,
                                   TranslationScore)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, moe_blocks
 from pipeline.losses import next_token_loss
 from pipeline.manifest import hash_path
-from pipeline.packing import load_tokenizer, pack_documents
+from pipeline.packing import load_tokenizer
 from pipeline.plan import load_model_config, plan
 from pipeline.routing_stats import LayerRouting, RoutingStats, routing_from_json, routing_to_json
+from pipeline.store_index import StoreIndex
+from pipeline.token_blocks import BlockView
 
 
 @dataclass(frozen=True)
@@ -62,18 +64,17 @@ class LanguageScore:
                    None if routing is None else routing_from_json(routing))
 
 
-def heldout_blocks(config: RunConfig, languages: list[str], tokenizer) -> dict[str, torch.Tensor]:
-    """Per language, up to ``evaluate.tokens_per_language`` held-out tokens in blocks ``[n, block_length]``."""
+def heldout_blocks(config: RunConfig, languages: list[str], stores: StoreIndex) -> dict[str, torch.Tensor]:
+    """Per language, up to ``evaluate.tokens_per_language`` held-out tokens in blocks ``[n, block_length]``: the
+    leading blocks of its held-out store (only these are read)."""
     e = config.evaluate
     blocks = {}
     for lang in languages:
-        docs = ((0, text) for text in language_documents(config, lang, "heldout"))
-        try:
-            packed = pack_documents(docs, tokenizer, e.block_length, [lang], max(1, e.tokens_per_language // e.block_length))
-        except LayerMoEError:
+        view = BlockView(stores.open(lang, "heldout"), e.block_length)
+        if view.num_blocks == 0:
             raise LayerMoEError(f"evaluate: language {lang!r} has less held-out text than one block of {e.block_length} "
-                                f"tokens; lower evaluate.block_length or raise data.heldout_fraction") from None
-        blocks[lang] = packed.input_ids
+                                f"tokens; lower evaluate.block_length or raise data.heldout_fraction")
+        blocks[lang] = torch.from_numpy(view.leading(max(1, e.tokens_per_language // e.block_length)))
     return blocks
 
 
@@ -218,10 +219,11 @@ LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "zh": "Chinese", "el": "Gree
 
 
 def evaluate_models(config: RunConfig, models: list[EvalModel], languages: LanguageGroups, translate_labels: set[str],
-                    round_name: str) -> EvalReport:
-    """Score every model (the first is the base model) on every language's held-out blocks (perplexity, routing),
-    translate with the models in ``translate_labels``, count parameters; the report of round ``round_name``."""
-    scoring = _Scoring(config, languages, load_tokenizer(models[0].path))
+                    round_name: str, stores: StoreIndex) -> EvalReport:
+    """Score every model (the first is the base model) on every language's held-out blocks from ``stores``
+    (perplexity, routing), translate with the models in ``translate_labels``, count parameters; the report of
+    round ``round_name``."""
+    scoring = _Scoring(config, languages, load_tokenizer(models[0].path), stores)
     results = {}
     for m in models:
         started = time.perf_counter()
@@ -231,20 +233,21 @@ def evaluate_models(config: RunConfig, models: list[EvalModel], languages: Langu
 
 
 class _Scoring:
-    """What scoring any model needs: the settings, the held-out blocks of every language (tokenised once with
-    the base tokenizer, which every model of a run shares), and the result cache with its keys."""
+    """What scoring any model needs: the settings, the held-out blocks of every language (from its token store,
+    tokenized with the base tokenizer, which every model of a run shares), and the result cache with its keys."""
 
-    def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer):
+    def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer, stores: StoreIndex):
         self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
         self.harness = Harness(self.settings.harness)  # unknown tasks are an error before any model is scored
-        self.blocks = heldout_blocks(config, languages.all, tokenizer)
+        self.blocks = heldout_blocks(config, languages.all, stores)
         self.cache = ResultCache(config.run_path / ".evaluate_cache")
-        self.corpus_hashes = {lang: hash_path(resolve_source(config, lang).path) for lang in languages.all}
+        # a store's key digest stands for its source's content, the split settings and the tokenizer
+        self.heldout_digests = {lang: stores.entry(lang, "heldout").digest for lang in languages.all}
         self.split = (config.data.heldout_fraction, config.data.split_seed, self.settings.tokens_per_language,
                       self.settings.block_length)
 
     def perplexity_key(self, model_path: Path, lang: str) -> str:
-        return self.cache.key(model_path, "perplexity", lang, self.corpus_hashes[lang], self.split,
+        return self.cache.key(model_path, "perplexity", lang, self.heldout_digests[lang], self.split,
                               lang in self.languages.old)
 
     def translation_key(self, model_path: Path, lang: str) -> str:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_directory, read_json, write_json
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
+from pipeline.token_store import TOKENIZER_FILES as ENCODING_FILES
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_layermoe.py", "modeling_layermoe.py", "router_kernel.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+# every file that decides how the tokenizer encodes text (so a later round finds the token stores of this one), and
+# the prompt and generation settings
+TOKENIZER_FILES = (*ENCODING_FILES, "chat_template.jinja", "generation_config.json")
 
 
 def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:

@@ -74,6 +74,7 @@ class StageSpec:
     out_dir: Path
     config_slice: dict[str, Any]
     inputs: dict[str, Path] = field(default_factory=dict)
+    hashed: dict[str, str] = field(default_factory=dict)  # hash_path of inputs the stage has hashed already, by name
 
     @property
     def label(self) -> str:
@@ -103,7 +104,7 @@ def run_stage(spec: StageSpec, body: Callable[[Path | None], dict[str, Any] | No
     missing = {name: str(p) for name, p in spec.inputs.items() if not Path(p).exists()}
     if missing:
         raise LayerMoEError(f"{spec.label}: inputs missing: {missing}; run the earlier stages first")
-    input_hashes = {name: hash_path(p) for name, p in spec.inputs.items()}
+    input_hashes = {name: spec.hashed.get(name) or hash_path(p) for name, p in spec.inputs.items()}
     fp = fingerprint(spec.config_slice, input_hashes)
     previous = read_manifest(spec.out_dir)
     if not force and previous is not None and previous.get("fingerprint") == fp:

@@ -5,6 +5,7 @@ Layout::
     runs/<name>/config.json        the config of the latest invocation (the experiment's identity)
     runs/<name>/<round>/<stage>/   each stage's artifacts and manifest.json (see pipeline/stages.py)
     runs/<name>/<round>/train_stage1.checkpoints/, ...  DeepSpeed checkpoints (resume after an interruption)
+    <cache>/tokens/                the token stores (shared by runs and rounds; tokenize/stores.json lists a round's)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.atomic import read_json, write_json
 from pipeline.base_model import resolve_model_path
 from pipeline.config import RunConfig, to_dict
 from pipeline.errors import LayerMoEError
+from pipeline.store_index import STORES_FILE
 
 
 class RoundNotReady(LayerMoEError):
@@ -26,6 +28,11 @@ class RoundNotReady(LayerMoEError):
 def stage_dir(config: RunConfig, round_index: int, stage: str) -> Path:
     """The directory of pipeline stage ``stage`` (e.g. ``train_stage1``) of round ``round_index``."""
     return config.run_path / config.rounds[round_index].name / stage
+
+
+def stores_file(config: RunConfig, round_index: int) -> Path:
+    """The tokenize stage's list of round ``round_index``'s token stores (``pipeline/store_index.py``)."""
+    return stage_dir(config, round_index, "tokenize") / STORES_FILE
 
 
 def trained_model_dir(config: RunConfig, round_index: int) -> Path:

@@ -10,6 +10,7 @@ own through ``pipeline.manifest.run_stage``: atomically, with a manifest, skippe
 manifest's config slice is made from the same settings object the stage's body reads, so the two cannot
 disagree::
 
+    runs/<name>/<round>/tokenize/  stores.json (the round's token stores, kept in <cache>/tokens/), manifest.json
     runs/<name>/<round>/analyze/   similarity.json, similarity.png, manifest.json
     runs/<name>/<round>/allocate/  allocation.json, allocation.png, manifest.json
     runs/<name>/<round>/upcycle/   model/ (expanded HF directory), manifest.json
@@ -36,22 +37,26 @@ from pipeline.atomic import read_json, write_json, write_text
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, ExportConfig, RoundConfig, RunConfig,
                              TrainingStage, UpcycleConfig, to_dict)
-from pipeline.corpus import LanguageSource, iter_documents, language_documents, resolve_source
+from pipeline.corpus import LanguageSource, Split, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups, read_report
 from pipeline.evaluate import EvalModel, evaluate_models, parameter_count
 from pipeline.export import export_model
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
-from pipeline.manifest import StageSpec, run_stage
+from pipeline.manifest import StageSpec, hash_path, run_stage
 from pipeline.model_card import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_ID, CardFacts, TrainedStage, model_card
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
 from pipeline.plots import (plot_allocation, plot_loss_curves, plot_perplexity, plot_routing_heatmap, plot_similarity,
                             words)
 from pipeline.report import write_report_md
-from pipeline.run_dir import round_input_model, stage_dir, trained_model_dir
+from pipeline.run_dir import round_input_model, stage_dir, stores_file, trained_model_dir
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
+from pipeline.store_index import STORES_FILE, StoreEntry, StoreIndex
+from pipeline.token_store import TOKENIZER_FILES, TokenStore, tokenizer_fingerprint
+from pipeline.tokenize_corpus import language_stores
 from pipeline.train import describe_settings, init_deepspeed_distributed, train_stage
+from pipeline.training_data import stage_languages
 from pipeline.training_metrics import METRICS_FILE, ROUTING_FILE, loss_weights, read_metrics
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
@@ -59,16 +64,22 @@ STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 
 
 def _run(config: RunConfig, round_index: int, stage: str, settings: Any, inputs: dict[str, Path],
-         body: Callable[[Path | None], dict], force: bool) -> Path:
+         body: Callable[[Path | None], dict], force: bool, hashed: dict[str, str] | None = None) -> Path:
     """Run ``body`` as stage ``stage`` of a round (see ``pipeline.manifest.run_stage``), with ``settings`` (a
-    dataclass, or a dict) as the manifest's config slice."""
+    dataclass, or a dict) as the manifest's config slice; ``hashed``: hashes of inputs computed already."""
     spec = StageSpec(stage=stage, round_name=config.rounds[round_index].name,
-                     out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs)
+                     out_dir=stage_dir(config, round_index, stage), config_slice=to_dict(settings), inputs=inputs,
+                     hashed=hashed or {})
     return run_stage(spec, body, force)
 
 
-def _corpus_inputs(sources: dict[str, LanguageSource]) -> dict[str, Path]:
-    return {f"corpus:{lang}": source.path for lang, source in sources.items()}
+def _stores_input(config: RunConfig, round_index: int, stage: str) -> Path:
+    """The round's ``stores.json`` (a stage's manifest input instead of the corpora); an error if it is missing."""
+    path = stores_file(config, round_index)
+    if not path.is_file():
+        raise LayerMoEError(f"{config.rounds[round_index].name}/{stage}: {path} does not exist; run the tokenize "
+                            f"stage first (layermoe tokenize CONFIG)")
+    return path
 
 
 @dataclass(frozen=True)
@@ -80,42 +91,114 @@ class HeldoutSplit:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# tokenize
+# ----------------------------------------------------------------------------------------------------------
+
+SPLITS: tuple[Split, ...] = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """What decides a round's stores.json (besides its inputs: the corpora and the tokenizer files). The number of
+    worker processes does not: the stores are the same bytes however they were made."""
+
+    sources: dict[str, LanguageSource]
+    split: HeldoutSplit
+
+
+def run_tokenize(config: RunConfig, round_index: int, force: bool = False) -> Path:
+    """tokenize: every (language, split) the round's later stages read (train and held-out split of every language
+    so far) into token stores with the round's input model's tokenizer (stores already in the cache, from another
+    round or run, are not tokenized again); stores.json lists them."""
+    model_path = round_input_model(config, round_index)
+    languages = config.languages_before(round_index + 1)
+    sources = {lang: resolve_source(config, lang) for lang in languages}
+    settings = TokenizeSettings(sources, HeldoutSplit(config.data.heldout_fraction, config.data.split_seed))
+    corpus_hashes = {lang: hash_path(source.path) for lang, source in sources.items()}  # once: manifest and store keys
+    inputs = {**{f"corpus:{lang}": source.path for lang, source in sources.items()},
+              **{f"tokenizer:{name}": model_path / name for name in TOKENIZER_FILES if (model_path / name).is_file()}}
+    listed = stores_file(config, round_index)
+    if listed.is_file() and not force and _listed_store_missing(listed):
+        log.info(f"{config.rounds[round_index].name}/tokenize: a store listed in {listed} is gone; tokenizing again")
+        force = True
+    body = functools.partial(_tokenize, config, round_index, model_path, sources, corpus_hashes)
+    return _run(config, round_index, "tokenize", settings, inputs, body, force,
+                hashed={f"corpus:{lang}": h for lang, h in corpus_hashes.items()})
+
+
+def _listed_store_missing(path: Path) -> bool:
+    """Whether a store that ``stores.json`` lists is gone (e.g. the cache was cleared), or the list is unreadable."""
+    try:
+        return any(not entry.path.is_dir() for entry in StoreIndex.load(path).entries)
+    except LayerMoEError:
+        return True
+
+
+def _tokenize(config: RunConfig, round_index: int, model_path: Path, sources: dict[str, LanguageSource],
+              corpus_hashes: dict[str, str], out: Path | None) -> dict:
+    stores = language_stores(config, {lang: SPLITS for lang in sources}, model_path, corpus_hashes)
+    _check_enough_text(config, round_index, sources, stores)
+    index = StoreIndex(tokenizer_fingerprint(model_path),
+                       tuple(StoreEntry.of(lang, split, store) for (lang, split), store in stores.items()))
+    if out is not None:
+        index.write(out / STORES_FILE)
+    tokens = sum(entry.tokens for entry in index.entries)
+    log.info(f"tokenize {config.rounds[round_index].name}: {len(index.entries)} stores, {tokens:,} tokens")
+    return {"stores": len(index.entries), "tokens": tokens}
+
+
+def _check_enough_text(config: RunConfig, round_index: int, sources: dict[str, LanguageSource],
+                       stores: dict[tuple[str, Split], TokenStore]) -> None:
+    """Every store holds at least one block of each stage that reads it (training: train split; evaluate:
+    held-out split), so a too-small corpus stops the run here, not after hours of earlier stages."""
+    needs: list[tuple[str, Split, int, str]] = []
+    for stage in (1, 2):
+        block = config.train.for_stage(stage).block_length
+        needs += [(lang, "train", block, f"train.stage{stage}.block_length")
+                  for lang in stage_languages(config, round_index, stage)[0]]
+    needs += [(lang, "heldout", config.evaluate.block_length, "evaluate.block_length")
+              for lang in config.languages_before(round_index + 1)]
+    for lang, split, block, setting in needs:
+        store = stores[(lang, split)]
+        if store.num_tokens < block:
+            raise LayerMoEError(f"language {lang!r}: corpus {str(sources[lang].path)!r} is too small: its {split} split "
+                                f"has {store.num_tokens:,} tokens, fewer than one block of {setting}={block}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # analyze
 # ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AnalyzeSettings:
-    """What decides a round's similarity.json."""
+    """What decides a round's similarity.json (besides its inputs: the model and the round's stores.json)."""
 
     analyze: AnalyzeConfig
     old: list[str]
     new: list[str]
     model_dtype: str
-    split: HeldoutSplit
-    sources: dict[str, LanguageSource]
 
 
 def run_analyze(config: RunConfig, round_index: int, force: bool = False) -> Path:
-    """analyze: similarity.json + similarity.png for one round."""
+    """analyze: similarity.json + similarity.png for one round, from the train-split stores of its languages."""
     old, new = config.languages_before(round_index), list(config.rounds[round_index].languages)
     model_path = round_input_model(config, round_index)
-    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype,
-                               HeldoutSplit(config.data.heldout_fraction, config.data.split_seed),
-                               {lang: resolve_source(config, lang) for lang in old + new})
-    body = functools.partial(_analyze, settings, config.rounds[round_index].name, model_path, config.model.device)
-    return _run(config, round_index, "analyze", settings, {"model": model_path, **_corpus_inputs(settings.sources)},
-                body, force)
+    stores = _stores_input(config, round_index, "analyze")
+    settings = AnalyzeSettings(config.analyze, old, new, config.model.dtype)
+    body = functools.partial(_analyze, settings, config.rounds[round_index].name, model_path, stores,
+                             config.model.device)
+    return _run(config, round_index, "analyze", settings, {"model": model_path, "stores": stores}, body, force)
 
 
-def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, device: str, out: Path | None) -> dict:
-    a, old, new, split = settings.analyze, settings.old, settings.new, settings.split
+def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, stores_path: Path, device: str,
+             out: Path | None) -> dict:
+    a, old, new = settings.analyze, settings.old, settings.new
+    stores = StoreIndex.read(stores_path, model_path).open_all(old + new, "train")
     device = pick_device(device)
     log.info(f"analyze: loading {model_path} ({settings.model_dtype}, {device})")
     model = load_causal_lm(model_path, settings.model_dtype, device)
-    documents = {lang: iter_documents(source, "train", split.heldout_fraction, split.seed)
-                 for lang, source in settings.sources.items()}
-    means, counts = language_means(model, load_tokenizer(model_path), documents, a.tokens_per_language, a.max_length,
+    means, counts = language_means(model, load_tokenizer(model_path), stores, a.tokens_per_language, a.max_length,
                                    a.batch_size, a.include_special_tokens)
     pairs = pairwise_similarities(means)
     sim = Similarity(old, new, len(next(iter(means.values()))), pairs, layer_scores(pairs, old, new, "nn_no_mean"),
@@ -198,31 +281,33 @@ class UpcycleSettings:
     old_languages: list[str]
 
 
-def verification_text(config: RunConfig, languages: list[str], tokenizer, tokens: int = 96) -> torch.Tensor:
-    """A short real sample (the start of the first document of each language) for function-preservation checks."""
-    ids = []
+def verification_text(stores_path: Path, model_path: Path, languages: list[str], tokens: int = 96) -> torch.Tensor:
+    """A short real sample for function-preservation checks: the start of the first train document of each
+    language, as the model's tokenizer alone encodes it, from the stores ``stores_path`` lists."""
+    stores = StoreIndex.read(stores_path, model_path)
+    ids: list[int] = []
     for lang in languages:
-        document = next(language_documents(config, lang, "train"))
-        ids += tokenizer(document)["input_ids"][: tokens // len(languages)]
+        ids += stores.open(lang, "train").text_ids(0)[: tokens // len(languages)].tolist()
     return torch.tensor([ids])
 
 
 def run_upcycle(config: RunConfig, round_index: int, force: bool = False) -> Path:
     """upcycle: the round's input model + allocation.json -> the expanded model (first round: upcycle the dense
-    model, checked to compute the same logits; later rounds: grow the previous round's model)."""
+    model, checked to compute the same logits on a sample of the round's stores; later rounds: grow the previous
+    round's model)."""
     settings = UpcycleSettings(config.upcycle, config.seed, config.model.dtype, config.old_languages)
     model_path = round_input_model(config, round_index)
     allocation_file = stage_dir(config, round_index, "allocate") / "allocation.json"
     sample_languages = config.languages_before(round_index) + list(config.rounds[round_index].languages)
-    verification = functools.partial(verification_text, config, sample_languages)
+    verification = functools.partial(verification_text, stores_file(config, round_index), model_path, sample_languages)
     body = functools.partial(_upcycle, settings, config.rounds[round_index], model_path, allocation_file, verification)
     return _run(config, round_index, "upcycle", settings, {"model": model_path, "allocation": allocation_file},
                 body, force)
 
 
 def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allocation_file: Path,
-             verification: Callable[[Any], torch.Tensor], out: Path | None) -> dict:
-    """Upcycle (dense input, checked on ``verification(tokenizer)``'s sample) or grow (expanded input).
+             verification: Callable[[], torch.Tensor], out: Path | None) -> dict:
+    """Upcycle (dense input, checked on ``verification()``'s sample) or grow (expanded input).
 
     Both happen in float32, so the function-preservation check measures the upcycling itself, not the rounding
     of a bfloat16 expert mix (1e-1 logit differences on real models); the result is saved in ``model.dtype``
@@ -239,7 +324,7 @@ def _upcycle(settings: UpcycleSettings, rnd: RoundConfig, model_path: Path, allo
     else:
         log.info(f"upcycle {rnd.name}: {sum(allocation.new_experts_per_layer)} new experts, "
                  f"classifiers in layers {allocation.classifier_layers}")
-        sample = verification(load_tokenizer(model_path))
+        sample = verification()
         with torch.no_grad():
             dense_logits = model(sample).logits
         expanded = upcycle(model, expansion, settings.old_languages, u.top_k, u.pooling, settings.seed)
@@ -271,10 +356,10 @@ def run_train(config: RunConfig, round_index: int, training_stage: TrainingStage
         raise LayerMoEError(f"{config.rounds[round_index].name}/{name}: input model {model_in} does not exist; run "
                             f"the earlier stages first")
     settings = describe_settings(config, training_stage)
-    sources = {lang: resolve_source(config, lang) for lang in config.languages_before(round_index + 1)}
+    stores = _stores_input(config, round_index, name)
     checkpoints = stage_dir(config, round_index, f"{name}.checkpoints")
     body = functools.partial(_train, config, round_index, training_stage, settings, model_in, checkpoints)
-    return _run(config, round_index, name, settings, {"model": model_in, **_corpus_inputs(sources)}, body, force)
+    return _run(config, round_index, name, settings, {"model": model_in, "stores": stores}, body, force)
 
 
 def run_train_stage1(config: RunConfig, round_index: int, force: bool = False) -> Path:
@@ -315,7 +400,7 @@ def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, s
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """What decides a round's report (besides its inputs: the models and the corpora)."""
+    """What decides a round's report (besides its inputs: the models and the round's stores.json)."""
 
     evaluate: EvaluateConfig
     languages: list[str]
@@ -340,16 +425,17 @@ def run_evaluate(config: RunConfig, round_index: int, force: bool = False) -> Pa
     languages = LanguageGroups([l for l in known if l in config.old_languages],
                                [l for l in known if l not in config.old_languages])
     settings = EvaluateSettings(config.evaluate, languages.all, [m.label for m in models])
-    sources = {lang: resolve_source(config, lang) for lang in languages.all}
-    body = functools.partial(_evaluate, config, round_index, models, languages)
+    stores = _stores_input(config, round_index, "evaluate")
+    body = functools.partial(_evaluate, config, round_index, models, languages, stores)
     return _run(config, round_index, "evaluate", settings,
-                {**{f"model:{m.label}": m.path for m in models}, **_corpus_inputs(sources)}, body, force)
+                {**{f"model:{m.label}": m.path for m in models}, "stores": stores}, body, force)
 
 
 def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], languages: LanguageGroups,
-              out: Path | None) -> dict:
+              stores_path: Path, out: Path | None) -> dict:
     translate = {"base"} | {config.rounds[q].name for q in range(round_index + 1)}
-    report = evaluate_models(config, models, languages, translate, config.rounds[round_index].name)
+    report = evaluate_models(config, models, languages, translate, config.rounds[round_index].name,
+                             StoreIndex.read(stores_path, models[0].path))
     if out is not None:
         figures = _report_figures(config, round_index, report, out)
         write_json(out / "report.json", report.to_json())
@@ -481,6 +567,8 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
+    Stage("tokenize", run_tokenize, True, "every language's text -> token stores in the cache -> stores.json",
+          ("tokenize_corpus.py",)),
     Stage("analyze", run_analyze, True, "layer-wise similarity of new vs old languages -> similarity.json",
           ("analyze.py",)),
     Stage("allocate", run_allocate, False, "similarity -> experts per layer and classifier layers -> allocation.json",

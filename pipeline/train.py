@@ -3,7 +3,8 @@
 * stage 1: trainable = this round's new experts + routers; loss = CE + alpha * load balance; new languages.
 * stage 2: trainable = routers + classifiers; loss = CE + gamma * LPR + beta * classifier CE; new + replay.
 
-The model is the previous stage's exported HF directory; the result is exported the same way. DeepSpeed
+The model is the previous stage's exported HF directory; the result is exported the same way. The data are the
+round's token stores (``stores.json`` of its tokenize stage); each rank reads only its own micro-batches. DeepSpeed
 checkpoints (weights, optimizer, scheduler, step, RNG) are written every ``checkpoint_every`` steps and at the
 end into a work directory that survives interruptions, so a rerun continues where a run stopped and ends
 with the weights an uninterrupted run would have.
@@ -37,13 +38,14 @@ from pipeline.expert_parallel import (ExpertPlacement, expert_parallel_group, ma
                                       unshard_model)
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, RoutingRecord, moe_blocks
 from pipeline.losses import LossParts, stage_loss
-from pipeline.packing import load_tokenizer
 from pipeline.ranks import LOOPBACK, discover_ranks, free_port, use_local_device
 from pipeline.plots import expert_load_figure, pyplot
 from pipeline.routing_stats import LayerRouting, RoutingStats
+from pipeline.run_dir import stores_file
+from pipeline.store_index import StoreIndex
 from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, expert_shards, latest_checkpoint,
                                           save_checkpoint)
-from pipeline.training_data import StageData, build_stage_data, micro_batch_indices
+from pipeline.training_data import StageMix, build_stage_mix, stage_languages
 from pipeline.training_metrics import MetricsLog, Trackers, loss_weights, step_record, tracked_scalars
 from pipeline.upcycle import set_trainable
 
@@ -106,11 +108,11 @@ class TrainingRun:
 @dataclass
 class Trainer:
     """What :func:`build_engine` makes: the DeepSpeed engine (its ``module`` is the model), the learning-rate
-    schedule, the stage's data, and the names of the trainable parameters."""
+    schedule, the stage's data (read from the round's token stores), and the names of the trainable parameters."""
 
     engine: deepspeed.DeepSpeedEngine
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    data: StageData
+    data: StageMix
     trainable: list[str]
 
     @property
@@ -148,7 +150,7 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
     start = resume.restore(trainer.engine, trainer.scheduler)
     log.info(f"{run.name}: {len(trainer.trainable)} trainable tensors "
              f"({sum(p.numel() for p in trainer.engine.module.parameters() if p.requires_grad):,} parameters), "
-             f"{len(trainer.data.blocks)} blocks, steps {start}..{run.settings.steps}, world {dist.world_size}, "
+             f"{len(trainer.data)} blocks, steps {start}..{run.settings.steps}, world {dist.world_size}, "
              f"ep_size {run.layout.ep_size}")
     reporter = _Reporter(run, start)
     losses: dict[str, float] = {}
@@ -184,8 +186,8 @@ def _layout(config: RunConfig, dist: DistInfo) -> Layout:
 
 def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
     """Load the model (and, from a checkpoint of another layout, its weights), shard the experts over the
-    expert-parallel group, choose what trains, group the optimizer's parameters, build the data and the
-    DeepSpeed engine. Every rank calls this."""
+    expert-parallel group, choose what trains, group the optimizer's parameters, build the data (:func:`stage_data`)
+    and the DeepSpeed engine. Every rank calls this."""
     config, settings = run.config, run.settings
     torch.manual_seed(config.seed)
     model = load_causal_lm(run.model_in, "float32", pick_device(config.model.device))
@@ -198,13 +200,21 @@ def build_engine(run: TrainingRun, resume: ResumePoint) -> Trainer:
         raise LayerMoEError(f"{run.name} has nothing to train in {run.model_in} (no new experts/routers/classifiers)")
     param_groups = _optimizer_param_groups(model, placements, run)
     model.train()
-    data = build_stage_data(config, run.round_index, run.training_stage, load_tokenizer(run.model_in))
+    data = stage_data(run)
     optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, settings))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping))
     return Trainer(engine, scheduler, data, trainable)
+
+
+def stage_data(run: TrainingRun) -> StageMix:
+    """The stage's blocks, from the train-split stores that the round's tokenize stage lists (``stores.json``),
+    checked to be of the input model's tokenizer."""
+    index = StoreIndex.read(stores_file(run.config, run.round_index), run.model_in)
+    languages, _ = stage_languages(run.config, run.round_index, run.training_stage)
+    return build_stage_mix(run.config, run.round_index, run.training_stage, index.open_all(languages, "train"))
 
 
 def _shard_experts(model: LayerMoEForCausalLM, ep_size: int) -> dict[int, ExpertPlacement]:
@@ -255,10 +265,10 @@ def train_step(run: TrainingRun, trainer: Trainer, step: int, routing: RoutingSt
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for micro in range(settings.gradient_accumulation):
-        index = micro_batch_indices(len(trainer.data.blocks), step, micro, settings.gradient_accumulation,
-                                    dist.rank, dist.world_size, settings.micro_batch_size)
-        input_ids = trainer.data.blocks.input_ids[index].to(trainer.device)
-        original = trainer.data.original_mask(trainer.data.blocks.language_ids[index]).to(trainer.device)
+        batch = trainer.data.micro_batch(step, micro, settings.gradient_accumulation, dist.rank, dist.world_size,
+                                         settings.micro_batch_size)  # only this rank's rows are read
+        input_ids = batch.input_ids.to(trainer.device)
+        original = trainer.data.original_mask(batch.language_ids).to(trainer.device)
         parts, records = _micro_batch_loss(run, trainer.engine, input_ids, original)
         _check_finite(parts, step, run.checkpoint_dir)
         trainer.engine.backward(parts.total)

@@ -7,15 +7,16 @@
 #
 # How it runs. Stages run in order, round after round (round r+1 starts from round r's trained model); the
 # stage list comes from the stage table (pipeline/stages.py) through `python -m pipeline.cluster preflight`.
-# The stages that split their work over ranks (analyze, train_stage1, train_stage2) are one Slurm step each:
-# one task per node starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID --num_nodes
-# $SLURM_NNODES), which starts one process per GPU of the node (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES), or on CPU-only nodes
-# LAYERMOE_PROCS_PER_NODE processes (default 1); rank 0 is on the first node of the job. The other stages
+# The stages that split their work over ranks (tokenize, analyze, train_stage1, train_stage2) are one Slurm step
+# each: one task per node starts the DeepSpeed launcher there (--no_ssh --node_rank $SLURM_NODEID --num_nodes
+# $SLURM_NNODES), which starts one process per GPU of the node (SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES), or on
+# CPU-only nodes LAYERMOE_PROCS_PER_NODE processes (default 1); rank 0 is on the first node of the job. The other stages
 # (allocate, upcycle, evaluate) run once, in this script, on the first node. Each stage is a separate step
 # rather than one `layermoe run`, because only srun can put a launcher on every node, and so that every stage
 # gets its own log and exit status.
 #
-# The repository, the config, its data and run_dir must be on a filesystem every node sees.
+# The repository, the config, its data, run_dir and the cache (cache_dir: the token stores) must be on a filesystem
+# every node sees. To tokenize on a CPU node first, see the README (data section).
 # Resuming: resubmit the same command. Stages whose settings and inputs are unchanged are skipped by the
 # pipeline itself; an interrupted training stage continues from its last DeepSpeed checkpoint.
 # Failure: the job stops at the first failing stage, prints the end of its log and exits with its status

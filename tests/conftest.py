@@ -47,6 +47,18 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
+def train_stores(root: Path, tokenizer_dir: Path, documents: dict[str, list[str]]) -> dict:
+    """Token stores (every document in the train split) of each language's ``documents``, by language, made under
+    ``root`` with the tokenizer in ``tokenizer_dir``."""
+    from pipeline.corpus import LanguageSource
+    from pipeline.tokenize_corpus import StoreRequest, TokenizerSpec, build_stores
+
+    requests = [StoreRequest(LanguageSource(lang, write_jsonl(root / f"{lang}.jsonl", texts), "jsonl"), ("train",), 0.0, 0)
+                for lang, texts in documents.items()]
+    stores = build_stores(requests, TokenizerSpec(tokenizer_dir), root / "tokens", workers=1)
+    return {lang: stores[(lang, "train")] for lang in documents}
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """One jsonl file per language (en, el, hu, tr), 200 documents each."""

@@ -1,4 +1,5 @@
-"""The streaming similarity equals the brute-force mean of all pairwise cosines, on several architectures."""
+"""The streaming similarity equals the brute-force mean of all pairwise cosines, on several architectures; the
+analyze sample read from a token store."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import make_tiny_model, synthetic_documents
-from pipeline.analyze import accumulate_unit_sums, language_means, token_chunks
+from conftest import make_tiny_model, synthetic_documents, train_stores
+from pipeline.analyze import accumulate_unit_sums, language_means
 from pipeline.base_model import ffn_modules, load_causal_lm
-from pipeline.ranks import free_port
 from pipeline.packing import load_tokenizer
+from pipeline.ranks import free_port
 from pipeline.similarity import layer_scores, pairwise_similarities
+from pipeline.token_blocks import sample_chunks
+from reference_data import token_chunks
 
 LANGS = ["en", "el", "hu", "tr"]
 
@@ -55,8 +58,9 @@ def test_streaming_equals_brute_force(tmp_path, tokenizer_dir, model_type, inclu
     model = load_causal_lm(path)
     tokenizer = load_tokenizer(tokenizer_dir)  # the model dir's config would pick its architecture's tokenizer class
     docs = {lang: synthetic_documents(lang, 30, seed=5) for lang in LANGS}
-    means, counts = language_means(model, tokenizer, {k: iter(v) for k, v in docs.items()}, tokens_per_language=700,
-                                   max_length=64, batch_size=5, include_special_tokens=include_special)
+    means, counts = language_means(model, tokenizer, train_stores(tmp_path, tokenizer_dir, docs),
+                                   tokens_per_language=700, max_length=64, batch_size=5,
+                                   include_special_tokens=include_special)
     assert counts == {lang: 700 for lang in LANGS}
     streaming = pairwise_similarities(means)
     reference = brute_force_pairs(model, tokenizer, docs, 700, 64, include_special)
@@ -68,10 +72,15 @@ def test_streaming_equals_brute_force(tmp_path, tokenizer_dir, model_type, inclu
     assert len({round(v, 4) for vals in streaming.values() for v in vals}) > 5
 
 
-def test_batched_equals_individual(tiny_llama):
-    model, tokenizer = load_causal_lm(tiny_llama), load_tokenizer(tiny_llama)
-    docs = synthetic_documents("el", 40, seed=2)
-    chunks, n = token_chunks(docs, tokenizer, 1500, 48, include_special_tokens=False)
+def sample(tmp_path, model_dir, docs: list[str], tokens: int, max_length: int, include_special: bool):
+    """The analyze sample of ``docs`` read from their token store (made with ``model_dir``'s tokenizer)."""
+    store = train_stores(tmp_path, model_dir, {"el": docs})["el"]
+    return sample_chunks(store, tokens, max_length, include_special, load_tokenizer(model_dir).all_special_ids)
+
+
+def test_batched_equals_individual(tiny_llama, tmp_path):
+    model = load_causal_lm(tiny_llama)
+    chunks, n = sample(tmp_path, tiny_llama, synthetic_documents("el", 40, seed=2), 1500, 48, False)
     assert n == 1500
     one = accumulate_unit_sums(model, chunks, batch_size=1, pad_id=3)
     many = accumulate_unit_sums(model, chunks, batch_size=7, pad_id=3)
@@ -79,66 +88,73 @@ def test_batched_equals_individual(tiny_llama):
     assert one.shape == (3, 32) and one.dtype == torch.float64  # memory is [layers, hidden], whatever n is
 
 
-def test_padding_never_counts(tiny_llama):
+def test_padding_never_counts(tiny_llama, tmp_path):
     """A different pad id changes padded positions' hidden states but must not change the sums."""
-    model, tokenizer = load_causal_lm(tiny_llama), load_tokenizer(tiny_llama)
-    chunks, _ = token_chunks(synthetic_documents("hu", 20), tokenizer, 800, 40, False)
+    model = load_causal_lm(tiny_llama)
+    chunks, _ = sample(tmp_path, tiny_llama, synthetic_documents("hu", 20), 800, 40, False)
     a = accumulate_unit_sums(model, chunks, batch_size=8, pad_id=3)
     b = accumulate_unit_sums(model, chunks, batch_size=8, pad_id=57)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_special_tokens_option_and_exact_budget(tiny_llama):
+def test_special_tokens_option_and_exact_budget(tiny_llama, tmp_path):
     tokenizer = load_tokenizer(tiny_llama)
-    docs = synthetic_documents("en", 10)
-    without, n1 = token_chunks(docs, tokenizer, 10_000, 32, include_special_tokens=False)
-    with_, n2 = token_chunks(docs, tokenizer, 10_000, 32, include_special_tokens=True)
+    docs = [f"{text} </s> {text[:20]}" if i % 3 == 0 else text  # special tokens in the text
+            for i, text in enumerate(synthetic_documents("en", 10))]
+    without, n1 = sample(tmp_path, tiny_llama, docs, 10_000, 32, False)
+    with_, n2 = sample(tmp_path, tiny_llama, docs, 10_000, 32, True)
     special = set(tokenizer.all_special_ids)
-    n_special = sum(t in special for c in with_ for t in c.input_ids)
-    assert n2 - n1 == n_special
-    assert all(not (t in special and k) for c in without for t, k in zip(c.input_ids, c.counted))
+    n_special = sum(t in special for c in with_ for t in c.input_ids.tolist())
+    assert n_special > 0 and n2 - n1 == n_special
+    assert all(not (t in special and k) for c in without for t, k in zip(c.input_ids.tolist(), c.counted))
     assert all(len(c.input_ids) <= 32 for c in with_)
-    _, exact = token_chunks(docs, tokenizer, 123, 32, include_special_tokens=False)
+    _, exact = sample(tmp_path, tiny_llama, docs, 123, 32, False)
     assert exact == 123
 
 
-def test_fewer_tokens_than_requested_warns(tiny_llama, capsys):
+def test_fewer_tokens_than_requested_warns(tiny_llama, tmp_path, tokenizer_dir, capsys):
     model, tokenizer = load_causal_lm(tiny_llama), load_tokenizer(tiny_llama)
-    _, counts = language_means(model, tokenizer, {"en": iter(synthetic_documents("en", 3))}, 10_000, 64, 4, False)
+    stores = train_stores(tmp_path, tokenizer_dir, {"en": synthetic_documents("en", 3)})
+    _, counts = language_means(model, tokenizer, stores, 10_000, 64, 4, False)
     assert 0 < counts["en"] < 10_000
     assert f"only {counts['en']:,} tokens available" in capsys.readouterr().err
 
 
-def test_empty_language_is_an_error(tiny_llama):
+def test_no_counted_tokens_is_an_error(tiny_llama, tmp_path, tokenizer_dir):
     from pipeline.errors import LayerMoEError
 
     model, tokenizer = load_causal_lm(tiny_llama), load_tokenizer(tiny_llama)
+    stores = train_stores(tmp_path, tokenizer_dir, {"el": ["</s>", "<s> </s>"]})  # special tokens only
+    assert stores["el"].num_tokens > 0
     with pytest.raises(LayerMoEError, match="no tokens"):
-        language_means(model, tokenizer, {"el": iter([])}, 100, 64, 4, False)
+        language_means(model, tokenizer, stores, 100, 64, 4, False)
 
 
-def _distributed_worker(rank: int, world: int, port: int, model_dir: str, out: dict):
+def _distributed_worker(rank: int, world: int, port: int, model_dir: str, stores: dict[str, str], out: dict):
     import torch.distributed as dist
+
+    from pipeline.token_store import TokenStore
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-        docs = {lang: iter(synthetic_documents(lang, 25, seed=3)) for lang in LANGS}
-        means, counts = language_means(model, tokenizer, docs, 600, 48, 4, False)
+        opened = {lang: TokenStore.open(path) for lang, path in stores.items()}
+        means, counts = language_means(model, tokenizer, opened, 600, 48, 4, False)
         out[rank] = (pairwise_similarities(means), counts)
     finally:
         dist.destroy_process_group()
 
 
-def test_data_parallel_equals_single_process(tiny_llama):
+def test_data_parallel_equals_single_process(tiny_llama, tmp_path, tokenizer_dir):
     model, tokenizer = load_causal_lm(tiny_llama), load_tokenizer(tiny_llama)
-    docs = {lang: iter(synthetic_documents(lang, 25, seed=3)) for lang in LANGS}
-    means, counts = language_means(model, tokenizer, docs, 600, 48, 4, False)
+    stores = train_stores(tmp_path, tokenizer_dir, {lang: synthetic_documents(lang, 25, seed=3) for lang in LANGS})
+    means, counts = language_means(model, tokenizer, stores, 600, 48, 4, False)
     single = pairwise_similarities(means)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_distributed_worker, args=(2, free_port(), str(tiny_llama), out), nprocs=2, join=True)
+        paths = {lang: str(store.path) for lang, store in stores.items()}
+        mp.spawn(_distributed_worker, args=(2, free_port(), str(tiny_llama), paths, out), nprocs=2, join=True)
         results = dict(out)
     for rank in (0, 1):
         pairs, rank_counts = results[rank]

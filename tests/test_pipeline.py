@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import make_tiny_model, synthetic_documents, train_stores, write_jsonl
 from pipeline.allocate import reference_allocation
 from pipeline.analyze import language_means
 from pipeline.base_model import load_causal_lm
@@ -31,6 +31,7 @@ def run_config(tmp_path, tokenizer_dir) -> Path:
     config.write_text(f"""
 name: t
 run_dir: {tmp_path}/runs/{{name}}
+cache_dir: {tmp_path}/cache
 old_languages: [en]
 rounds:
   - {{name: g1, languages: [el, hu, tr]}}
@@ -46,6 +47,7 @@ data:
     hu2: {{path: {tmp_path}/data/hu.jsonl}}
 analyze: {{tokens_per_language: 500, batch_size: 4, max_length: 64}}
 allocate: {{method: reference, delta: 9, classifier_count: 2}}
+evaluate: {{block_length: 64}}  # the held-out text is short: the tokenize stage checks that it holds a block
 """)
     return config
 
@@ -101,10 +103,11 @@ def test_analyze_hooks_the_moe_block_of_an_expanded_model(run_config, tmp_path):
     expanded = load_causal_lm(tmp_path / "runs" / "t" / "g1" / "upcycle" / "model")
     assert any(is_moe_block(layer.mlp) for layer in expanded.base.model.layers)
     tokenizer = load_tokenizer(tmp_path / "model")
+    stores = train_stores(tmp_path / "stores", tmp_path / "model",
+                          {lang: synthetic_documents(lang, 20, seed=4) for lang in ("en", "el", "hu")})
     results = []
     for model in (dense, expanded):
-        docs = {lang: iter(synthetic_documents(lang, 20, seed=4)) for lang in ("en", "el", "hu")}
-        means, _ = language_means(model, tokenizer, docs, 300, 64, 4, False)
+        means, _ = language_means(model, tokenizer, stores, 300, 64, 4, False)
         results.append(pairwise_similarities(means))
     for key in results[0]:
         assert max(abs(a - b) for a, b in zip(results[0][key], results[1][key])) <= 1e-6

@@ -20,8 +20,8 @@ from pipeline.base_model import load_causal_lm
 from pipeline.config import load_config
 from pipeline.hf_modeling.modeling_layermoe import moe_blocks
 from pipeline.packing import load_tokenizer
-from pipeline.training_data import build_stage_data
 from pipeline.upcycle import parameter_roles
+from reference_data import build_stage_data
 from test_train import (ROOT, by_hand_balance, by_hand_ce, by_hand_classifier, by_hand_lpr, clean_env, step_log,
                         write_config)
 
@@ -134,6 +134,14 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after[role], stage1[role])), role
     assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(after["experts_round2"], stage1["experts_round2"]))
 
+    # round 2's tokenize stage (the round-1 model's tokenizer: the base one's files) tokenizes only its new language
+    tokenize2 = segment(log, "g2/tokenize")
+    assert re.findall(r"tokenize (\w+) \(train, heldout\): ", tokenize2) == ["hu"]
+    assert sorted(re.findall(r"tokenize (\w+ \w+): cached", tokenize2)) == ["el heldout", "el train", "en heldout",
+                                                                             "en train"]
+    assert json.loads((g2 / "tokenize" / "stores.json").read_text())["stores"][:4] == \
+        json.loads((g1 / "tokenize" / "stores.json").read_text())["stores"]
+
     # stage data: stage 1 the round's language, stage 2 also replays every earlier one
     def data_languages(label: str) -> list[str]:
         return re.findall(r"stage \d data: (\w+) \d+ blocks", segment(log, label))
@@ -181,4 +189,4 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
     again = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "train.ep_size=2"], cwd=ROOT,
                            env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("up to date") == 12 and ": starting" not in again.stderr
+    assert again.stderr.count("up to date") == 14 and ": starting" not in again.stderr  # 7 stages, 2 rounds

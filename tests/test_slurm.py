@@ -62,7 +62,7 @@ def expansion_config(tmp_path, tokenizer_dir) -> Path:
                for lang in ("en", "el", "hu")}
     steps = dict(steps=2, warmup_steps=1, micro_batch_size=2, block_length=32, tokens_per_language=1000)
     body = {
-        "name": "slurm", "run_dir": str(tmp_path / "run"), "old_languages": ["en"],
+        "name": "slurm", "run_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "old_languages": ["en"],
         "rounds": [{"name": "g1", "languages": ["el", "hu"]}],
         "model": {"path": str(model)},
         "data": {"builtin_corpus": "none", "sources": sources},
@@ -87,8 +87,9 @@ def test_sbatch_expand_runs_every_stage(expansion_config, tmp_path):
     assert (g1 / "evaluate" / "report.json").is_file()
     logs = tmp_path / "run" / "logs" / f"slurm-{job}"
     assert "world 2" in (logs / "g1.train_stage1.log").read_text()  # trained in 2 processes
+    assert "rank 0 of 2" in (logs / "g1.tokenize.log").read_text()  # tokenized in 2 processes
     assert "expansion complete" in job_log
-    for stage in ("analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate", "export"):
+    for stage in ("tokenize", "analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate", "export"):
         assert f"g1/{stage}: done" in job_log
 
 

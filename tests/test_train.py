@@ -239,7 +239,7 @@ def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict
     stage1.update(train.pop("stage1", {}))
     stage2.update(train.pop("stage2", {}))
     body = {
-        "name": "t", "run_dir": str(run_dir), "old_languages": ["en"],
+        "name": "t", "run_dir": str(run_dir), "cache_dir": str(root / "cache"), "old_languages": ["en"],
         "rounds": [{"name": "g1", "languages": ["el", "hu"]}],
         "model": {"path": str(root / model)},
         "data": {"builtin_corpus": "none", "sources": {l: {"path": str(root / f"{l}.jsonl")} for l in ("en", "el", "hu")}},
@@ -297,7 +297,8 @@ def step_log(log: str, stage: int) -> dict[int, dict[str, float]]:
 
 
 def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
-    from pipeline.packing import load_tokenizer, pack_documents
+    from pipeline.packing import load_tokenizer
+    from reference_data import pack_documents
 
     model = load_causal_lm(model_dir)
     blocks = pack_documents([(0, t) for t in synthetic_documents(lang, 40, seed=99)], load_tokenizer(model_dir), 48, [lang],
@@ -395,14 +396,14 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     # the log: a copy of the whole output in the run directory, headers with the time left, the table once
     run_log = next((run_dir / "logs").glob("*-run.log")).read_text()
     assert "\r" not in run_log and all(line.startswith("[") for line in run_log.splitlines() if line)
-    assert "stage 1/7: g1/analyze (elapsed" in run_log and "stage 7/7: g1/export" in run_log
+    assert "stage 2/8: g1/analyze (elapsed" in run_log and "stage 8/8: g1/export" in run_log
     assert "stage 1 step 30/30" in run_log and "router backend" in run_log
     assert proc.stdout.count("Report:") == 1 and proc.stdout.count("el    new") == 1
 
     # the whole run is up to date now; tracking settings are not result settings: changing them re-runs nothing
     tracking = ["train.tracking.wandb_project=another"] + (["train.tracking.tensorboard=false"] if tensorboard else [])
     again = run_cli(["run", str(config), *tracking])
-    assert again.returncode == 0 and again.stderr.count("up to date") == 7, again.stderr[-3000:]
+    assert again.returncode == 0 and again.stderr.count("up to date") == 8, again.stderr[-3000:]
 
     # the report: perplexity of every model on every language, forgetting, routing, figures
     report = json.loads((g1 / "evaluate" / "report.json").read_text())
@@ -439,7 +440,7 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
 
     # a bf16 copy: export.dtype is a setting of the export only
     bf16 = run_cli(["run", str(config), "export.dtype=bfloat16"])
-    assert bf16.returncode == 0 and bf16.stderr.count("up to date") == 6 and "g1/export: inputs or settings changed" \
+    assert bf16.returncode == 0 and bf16.stderr.count("up to date") == 7 and "g1/export: inputs or settings changed" \
         in bf16.stderr
     weights, reference = state(exported), state(g1 / "train_stage2" / "model")
     assert all(weights[k].dtype == torch.bfloat16 and torch.equal(weights[k], reference[k].to(torch.bfloat16))
