@@ -21,8 +21,7 @@ TOKENIZER_FILES = (*ENCODING_FILES, "chat_template.jinja", "generation_config.js
 def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path | None = None) -> Path:
     """Write ``model`` to ``out_dir`` atomically, readable as the umask allows: safetensors weights, config.json
     with ``auto_map`` (so ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` works without
-    this package), the modeling code, and the tokenizer files found in ``tokenizer_from`` (see
-    :func:`portable_tokenizer_config`)."""
+    this package), the modeling code, and the tokenizer files found in ``tokenizer_from`` (as they are)."""
     model.config.auto_map = {"AutoConfig": "configuration_layermoe.LayerMoEConfig",
                              "AutoModelForCausalLM": "modeling_layermoe.LayerMoEForCausalLM"}
     model.config.architectures = ["LayerMoEForCausalLM"]
@@ -35,11 +34,16 @@ def export_model(model: LayerMoEForCausalLM, out_dir: Path, tokenizer_from: Path
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / name).is_file() and not (tmp / name).exists():
                     shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
-            if (tmp / "tokenizer_config.json").is_file():
-                tokenizer_config = read_json(tmp / "tokenizer_config.json", "tokenizer config")
-                write_json(tmp / "tokenizer_config.json",
-                           portable_tokenizer_config(tokenizer_config, (tmp / "tokenizer.json").is_file()))
     return Path(out_dir)
+
+
+def make_tokenizer_portable(model_dir: Path) -> None:
+    """Rewrite a model directory's tokenizer_config.json with :func:`portable_tokenizer_config` (the export stage's
+    copy only: the stages' own models keep the tokenizer files byte for byte, which the token stores check)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if path.is_file():
+        write_json(path, portable_tokenizer_config(read_json(path, "tokenizer config"),
+                                                   (Path(model_dir) / "tokenizer.json").is_file()))
 
 
 def with_legacy_rope_keys(base_config: dict) -> dict:

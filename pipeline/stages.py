@@ -41,7 +41,7 @@ from pipeline.corpus import LanguageSource, Split, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import EvalReport, LanguageGroups, read_report
 from pipeline.evaluate import EvalModel, evaluate_models, parameter_count
-from pipeline.export import export_model
+from pipeline.export import export_model, make_tokenizer_portable
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.manifest import StageSpec, hash_path, run_stage
 from pipeline.model_card import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_ID, CardFacts, TrainedStage, model_card
@@ -524,6 +524,7 @@ def _export(config: RunConfig, round_index: int, settings: ExportSettings, model
         report=read_report(report_file))
     if out is not None:
         export_model(model, out / "model", tokenizer_from=model_in)
+        make_tokenizer_portable(out / "model")
         write_text(out / "model" / "README.md", model_card(facts))
     log.info(f"export {facts.round}: {settings.export.dtype} weights, {facts.parameters / 1e6:,.1f}M parameters, "
              f"with a model card")
