@@ -21,7 +21,7 @@ from pipeline import log
 from pipeline.atomic import read_json, write_json
 from pipeline.config import AllocateConfig
 from pipeline.errors import LayerMoEError
-from pipeline.plots import plot_allocation
+from pipeline.plots import plot_allocation, words
 from pipeline.similarity import layer_scores, read_similarity
 
 
@@ -159,11 +159,16 @@ def _required_scores(scores: list[float] | None, what: str) -> list[float]:
     return scores
 
 
-def write_allocation(out: Path, result: Allocation, settings: AllocateConfig, title: str, **extra) -> None:
-    """allocation.json and allocation.png of ``result`` into the directory ``out``."""
+def write_allocation(out: Path, result: Allocation, settings: AllocateConfig, title: str,
+                     earlier: list[list[int]], round_names: list[str], **extra) -> None:
+    """allocation.json and allocation.png of ``result`` into the directory ``out``. ``earlier``: per layer, the
+    round number that added each expert the model already has (0: the original FFN); ``round_names``: the names of
+    the rounds so far, this one last."""
     write_json(out / "allocation.json", result.to_json(aggregation=settings.aggregation, **extra))
-    plot_allocation(result.experts_per_layer, result.classifier_layers,
-                    f"{title}: {sum(result.new_experts_per_layer)} new experts ({result.method})", out / "allocation.png")
+    experts = [list(rounds) + [len(round_names)] * new for rounds, new in zip(earlier, result.new_experts_per_layer)]
+    plot_allocation(experts, round_names, result.classifier_layers,
+                    f"{title}: {sum(result.new_experts_per_layer)} new experts, {sum(map(len, experts))} in all "
+                    f"({result.method} allocation)", out / "allocation.png")
 
 
 def allocate_from_similarity_file(similarity_file: Path, settings: AllocateConfig, out: Path) -> Allocation:
@@ -174,7 +179,8 @@ def allocate_from_similarity_file(similarity_file: Path, settings: AllocateConfi
     scores = layer_scores(sim.pairs, sim.old, sim.new, settings.aggregation)
     result = allocate(settings, scores, sim.num_layers)
     out.mkdir(parents=True, exist_ok=True)
-    write_allocation(out, result, settings, f"new {sim.new} vs old {sim.old}", similarity=str(similarity_file))
+    write_allocation(out, result, settings, f"new {words(sim.new)} vs old {words(sim.old)}", [[0]] * sim.num_layers,
+                     ["this allocation"], similarity=str(similarity_file))
     log.info(f"allocate: {result.method} -> experts per layer {result.experts_per_layer} "
              f"({sum(result.experts_per_layer)} in total, {sum(result.new_experts_per_layer)} new), classifier layers "
              f"{result.classifier_layers}; written to {out / 'allocation.json'}")

@@ -90,18 +90,31 @@ def read_json_object(path: Path, what: str, required: tuple[str, ...] = (), fix:
     return doc
 
 
+def normal_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the permissions the umask gives new files (0644 / 0755 with the
+    usual umask): some writers (safetensors, mkdtemp) create private 0600 / 0700 files, which other members of a
+    group cannot read on a shared filesystem. Executable bits are kept."""
+    mask = _umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        os.chmod(path, (0o777 if path.is_dir() else 0o666 | (mode & 0o111)) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``final``; on success it replaces ``final`` as a whole.
+    """Yield a fresh temporary directory beside ``final``; on success it replaces ``final`` as a whole, with the
+    permissions the umask gives (:func:`normal_permissions`).
 
     On an exception the temporary directory is removed and ``final`` is left as it was.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        normal_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

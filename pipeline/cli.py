@@ -7,10 +7,13 @@ stopped by SIGTERM/SIGUSR1 at a safe point (run the same command again to contin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from pipeline import log
@@ -19,6 +22,7 @@ from pipeline.atomic import cannot_write
 from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
 from pipeline.capacity import (DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Hardware, format_capacity, model_config_path,
                                parse_bytes, plan_config)
+from pipeline.compare import compare_runs, to_markdown, write_comparison
 from pipeline.config import AllocateConfig, default_cache_dir, load_config, to_dict, validate_allocate
 from pipeline.default_model import ensure_default_model
 from pipeline.distributed import distributed_from_env
@@ -27,7 +31,7 @@ from pipeline.libreoffice_corpus import build_libreoffice_corpus
 from pipeline.method_comparison import compare_methods, methods_markdown, plot_gain_vs_forgetting
 from pipeline.plan import format_plan, load_model_config, plan
 from pipeline.ranks import LOOPBACK
-from pipeline.report import compare_runs
+from pipeline.run_dir import claimed_run_dir
 from pipeline.runner import run_pipeline, run_single_stage
 from pipeline.stages import STAGES, StageOptions, get_stage
 from pipeline.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED, StopRequested, stop_signals_raise
@@ -76,11 +80,20 @@ def _train(args: argparse.Namespace) -> None:
     _stage(args)
 
 
+def run_log_file(config, rank: int) -> Path:
+    """``<run_dir>/logs/<UTC time>-run.log`` (``-rank<N>`` added on ranks other than 0 of a multi-process run)."""
+    suffix = f"-rank{rank}" if rank else ""
+    return config.run_path / "logs" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-run{suffix}.log"
+
+
 def _run(args: argparse.Namespace) -> None:
     config = _load(args)
     first, last = (args.only, args.only) if args.only else (args.first, args.until)
-    with distributed_from_env():
-        run_pipeline(config, _options(args), first=first, last=last, start_over=args.start_over)
+    with distributed_from_env() as dist, claimed_run_dir(config, args.start_over):
+        # the log file after the claim: --start-over empties the run directory
+        path = args.exit_stack.enter_context(log.tee_output(run_log_file(config, dist.rank)))
+        log.info(f"layermoe run {config.name}: this output is also in {path}")
+        run_pipeline(config, _options(args), first=first, last=last)
 
 
 def _allocate_from_file(args: argparse.Namespace) -> None:
@@ -104,13 +117,17 @@ def _allocate_from_file(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     run_dirs = [Path(d) for d in args.run_dirs]
-    if not args.by_method:
-        print(compare_runs(run_dirs))
+    if args.by_method:
+        rows = compare_methods(run_dirs)
+        print(methods_markdown(rows))
+        if args.figure:
+            plot_gain_vs_forgetting(rows, Path(args.figure))
         return
-    rows = compare_methods(run_dirs)
-    print(methods_markdown(rows))
-    if args.figure:
-        plot_gain_vs_forgetting(rows, Path(args.figure))
+    sections = compare_runs(run_dirs)
+    print(to_markdown(sections))
+    if args.output:
+        for path in write_comparison(sections, Path(args.output)):
+            log.info(f"wrote {path}")
 
 
 def _baselines(args: argparse.Namespace) -> None:
@@ -220,11 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", metavar="CHECKPOINT", help=RESUME_HELP)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("compare", help="put the final reports of several runs side by side")
+    p = sub.add_parser("compare", help="put several runs side by side, round by round (same languages per table)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--by-method", action="store_true",
                    help="one row per method (runs named <method>-s<seed>): mean ± std over the seeds")
     p.add_argument("--figure", metavar="PNG", help="with --by-method: also plot new-language gain vs old-language change")
+    p.add_argument("--output", metavar="DIR", help="also write compare.md, compare.csv and compare.png into DIR")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("baselines", help="LayerMoE vs dense, LoRA and MoE-LPR baselines on round 1, over seeds")
@@ -264,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="default: $LAYERMOE_CACHE or ~/.cache/layermoe")
     p.set_defaults(func=_build_corpus)
 
-    p = sub.add_parser("prepare-model", help="convert the built-in SmolLM2-135M to an HF directory in the cache")
+    p = sub.add_parser("prepare-model", help="de-quantise the built-in SmolLM2-135M-Instruct (its Q4_1 GGUF) into an HF "
+                                             "directory in the cache")
     p.add_argument("--cache-dir", help="default: $LAYERMOE_CACHE or ~/.cache/layermoe")
     p.set_defaults(func=_prepare_model)
     return parser
@@ -280,24 +299,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    try:
-        with stop_signals_raise():
-            args.func(args)
-    except LayerMoEError as e:
-        log.error(str(e))
-        return 2
-    except OSError as e:
-        if e.errno not in NO_SPACE_ERRNOS | NO_ACCESS_ERRNOS or e.filename is None:
-            raise
-        log.error(str(cannot_write(Path(e.filename), e)) if e.errno in NO_SPACE_ERRNOS
-                  else f"cannot write {e.filename}: {e.strerror}")
-        return 2
-    except StopRequested as e:
-        log.error(f"{e}; exit status {EXIT_STOPPED}: run the same command again to continue")
-        return EXIT_STOPPED
-    except KeyboardInterrupt:
-        log.error("interrupted (SIGINT)")
-        return EXIT_INTERRUPTED
+    log.quiet_libraries()
+    log.start_heartbeat()
+    with contextlib.ExitStack() as args.exit_stack:  # what a command opens for its whole run (the run's log file)
+        try:
+            with stop_signals_raise():
+                args.func(args)
+        except LayerMoEError as e:
+            log.error(str(e))
+            return 2
+        except OSError as e:
+            if e.errno not in NO_SPACE_ERRNOS | NO_ACCESS_ERRNOS or e.filename is None:
+                traceback.print_exc()  # a bug: its traceback also belongs in the run's log file
+                return 1
+            log.error(str(cannot_write(Path(e.filename), e)) if e.errno in NO_SPACE_ERRNOS
+                      else f"cannot write {e.filename}: {e.strerror}")
+            return 2
+        except StopRequested as e:
+            log.error(f"{e}; exit status {EXIT_STOPPED}: run the same command again to continue")
+            return EXIT_STOPPED
+        except KeyboardInterrupt:
+            log.error("interrupted (SIGINT)")
+            return EXIT_INTERRUPTED
+        except Exception:  # a bug: its traceback also belongs in the run's log file
+            traceback.print_exc()
+            return 1
     return 0
 
 

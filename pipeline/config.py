@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import importlib.util
 import os
 import types
 import typing
@@ -40,7 +41,10 @@ RUN_SETTING = "run_setting"  # dataclass field metadata key, see run_setting()
 
 def run_setting(default: Any) -> Any:
     """A field that does not decide any result (logging, tracking, checkpoint cadence, layout): left out of
-    stage and checkpoint fingerprints, so changing it re-runs nothing and keeps training checkpoints."""
+    stage and checkpoint fingerprints, so changing it re-runs nothing and keeps training checkpoints. A dataclass
+    type as ``default`` makes a fresh instance per config."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={RUN_SETTING: True})
     return field(default=default, metadata={RUN_SETTING: True})
 
 
@@ -56,7 +60,8 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class ModelConfig:
-    """The dense base model: ``default`` (built-in SmolLM2-135M, converted offline) or a local HF directory."""
+    """The dense base model: ``default`` (built-in SmolLM2-135M-Instruct, de-quantised offline from its Q4_1 GGUF)
+    or a local HF directory."""
 
     path: str = "default"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -159,12 +164,23 @@ class LoraSettings:
 
 
 @dataclass
+class TrackingConfig:
+    """Where training metrics go besides ``metrics.jsonl`` and the log: a run setting, not a result setting
+    (changing it never re-runs a stage or discards its checkpoints)."""
+
+    tensorboard: bool = False  # event files in <run_dir>/logs/tensorboard/ (pip install 'layermoe[tracking]')
+    wandb: bool = False  # Weights & Biases (pip install wandb)
+    wandb_project: str | None = None  # default: the run's name
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under <run_dir>/logs/wandb, no network
+
+
+@dataclass
 class TrainConfig:
     """Both training stages (docs/method.md, 2 and 3.4): DeepSpeed settings, loss weights and forms, logging,
     checkpoints.
 
     ``ep_size``, ``loss_chunk_tokens``, ``activation_checkpointing``, ``checkpoint_every``, ``stats_every`` and
-    ``tensorboard`` are run settings (see the module docstring): a layout, memory choices that change only the
+    ``tracking`` are run settings (see the module docstring): a layout, memory choices that change only the
     order of floating-point sums, cadences, tracking; logging and tracking fields added here must be declared with
     :func:`run_setting` too."""
 
@@ -186,7 +202,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     checkpoint_every: int = run_setting(0)  # optimizer steps between DeepSpeed checkpoints; 0 = only at the end
     stats_every: int = run_setting(10)  # steps between routing-statistics reports
-    tensorboard: bool = run_setting(False)
+    tracking: TrackingConfig = run_setting(TrackingConfig)  # TensorBoard, W&B
     stage1: StageTrainConfig = field(default_factory=StageTrainConfig)
     stage2: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(
         steps=30, tokens_per_language=50_000, replay_tokens_per_language=25_000))
@@ -194,6 +210,19 @@ class TrainConfig:
     def for_stage(self, training_stage: TrainingStage) -> StageTrainConfig:
         """The schedule and data settings of training stage 1 or 2."""
         return self.stage1 if training_stage == 1 else self.stage2
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks scored for every model (pip install 'layermoe[harness]'). Nothing is
+    downloaded: a task's data must be local (a task YAML in ``include_path`` may read a jsonl file)."""
+
+    tasks: list[str] = field(default_factory=list)  # task or group names; an unknown one is an error
+    num_fewshot: int | None = None  # None: each task's own default
+    limit: float | None = None  # per task: >= 1 examples, < 1 a fraction of them; None: all
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    include_path: str | None = None  # a directory of extra task YAMLs
 
 
 @dataclass
@@ -208,8 +237,15 @@ class EvaluateConfig:
     translation_shots: int = 2
     translation_max_new_tokens: int = 48
     parallel_file: str | None = None  # jsonl with {"en": ..., "<lang>": ...}; default: the built-in corpus's set
-    harness_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (needs local data)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # lm-evaluation-harness tasks
     cache_dir: str | None = None  # scored results (keyed by model content); default: <run_dir>/.evaluate_cache
+
+
+@dataclass
+class ExportConfig:
+    """The export stage: each round's final model as a directory to share (weights, tokenizer, model card)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the weights' type in the shared copy
 
 
 @dataclass
@@ -255,6 +291,7 @@ class RunConfig:
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     # -- derived values ----------------------------------------------------------------------------------
@@ -506,6 +543,10 @@ def validate(config: RunConfig) -> RunConfig:
     _require_at_least(ev.translation_sentences, 0, "evaluate.translation_sentences")
     _require_at_least(ev.translation_shots, 0, "evaluate.translation_shots")
     _require_at_least(ev.translation_max_new_tokens, 1, "evaluate.translation_max_new_tokens")
+    harness = ev.harness
+    _require(harness.num_fewshot is None or harness.num_fewshot >= 0, "evaluate.harness.num_fewshot", "must be >= 0")
+    _require(harness.limit is None or harness.limit > 0, "evaluate.harness.limit", "must be positive")
+    _require(harness.batch_size >= 1, "evaluate.harness.batch_size", "must be >= 1")
     t = config.train
     _require(t.ep_size >= 1, "train.ep_size", "must be >= 1")
     _require(t.ep_size == 1 or config.expansion == "moe", "train.ep_size",
@@ -518,6 +559,7 @@ def validate(config: RunConfig) -> RunConfig:
         _require_non_negative(getattr(t, name), f"train.{name}")
     _require_at_least(t.checkpoint_every, 0, "train.checkpoint_every")
     _require_at_least(t.stats_every, 1, "train.stats_every")
+    _require_packages(config)
     for name in ("stage1", "stage2"):
         st: StageTrainConfig = getattr(t, name)
         for key in ("steps", "micro_batch_size", "gradient_accumulation", "tokens_per_language"):
@@ -528,6 +570,24 @@ def validate(config: RunConfig) -> RunConfig:
         _require(0 <= st.min_lr_ratio <= 1, f"train.{name}.min_lr_ratio", "must be in [0, 1]")
         _require_at_least(st.replay_tokens_per_language, 0, f"train.{name}.replay_tokens_per_language")
     return config
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: deliberately hidden
+        return False
+
+
+def _require_packages(config: RunConfig) -> None:
+    """Optional packages the config asks for (extras of this package) must be installed before any work."""
+    tracking = config.train.tracking
+    for wanted, module, where, how in (
+            (tracking.tensorboard, "tensorboard", "train.tracking.tensorboard", "pip install 'layermoe[tracking]'"),
+            (tracking.wandb, "wandb", "train.tracking.wandb", "pip install wandb"),
+            (bool(config.evaluate.harness.tasks), "lm_eval", "evaluate.harness.tasks", "pip install 'layermoe[harness]'")):
+        _require(not wanted or installed(module), where, f"needs the {module} package, which is not installed ({how})")
 
 
 # ----------------------------------------------------------------------------------------------------------

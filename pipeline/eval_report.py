@@ -8,7 +8,7 @@ report.json (keys in this order)::
     ood_perplexity      {model label: {language: out-of-domain perplexity}}  languages with out-of-domain text
     routing             {model label: {language: {layer: statistics}}}      expanded models (pipeline/routing_stats.py)
     translation         {model label: {language: {chrf, sentences, examples}}}  models that were asked to translate
-    harness             {model label: lm-evaluation-harness results, or {"skipped": why}}
+    harness             {model label: {task: {metric: value}}}               lm-evaluation-harness tasks (evaluate.harness)
     experts             {model label: {experts_per_layer, classifier_layers, new_experts}}  expanded models
     group_average       {model label: {"old": mean perplexity, "new": ...}}
     forgetting_percent  {model label: {old language: perplexity change vs the base model, %}}  all but the base
@@ -92,6 +92,9 @@ class TranslationExample:
     hypothesis: str
 
 
+FEW_SENTENCES = 50  # chrF over fewer test sentences than this is a rough indication only
+
+
 @dataclass(frozen=True)
 class TranslationScore:
     """Few-shot English -> X translation: corpus chrF over ``sentences`` test sentences, and a few examples."""
@@ -99,6 +102,11 @@ class TranslationScore:
     chrf: float
     sentences: int
     examples: list[TranslationExample]
+
+    @property
+    def few_sentences(self) -> bool:
+        """Whether the score rests on too few sentences to compare models by it."""
+        return self.sentences < FEW_SENTENCES
 
     @classmethod
     def from_json(cls, doc: dict) -> TranslationScore:
@@ -111,16 +119,11 @@ class ModelResults:
 
     perplexity: dict[str, float]  # language -> held-out perplexity
     ood_perplexity: dict[str, float] = field(default_factory=dict)  # language -> out-of-domain perplexity
-    harness: dict[str, Any] = field(default_factory=dict)  # lm-evaluation-harness results, or {"skipped": why}
+    harness: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     parameters: int | None = None  # total parameters (None in reports written before they were counted)
     routing: Routing | None = None  # None: a dense model
     experts: ExpertLayout | None = None  # None: a dense model
     translation: dict[str, TranslationScore] | None = None  # language -> score; None: not asked to translate
-
-    @property
-    def harness_skipped(self) -> str | None:
-        """Why the harness tasks did not run, if they did not."""
-        return self.harness.get("skipped")
 
 
 @dataclass
@@ -228,7 +231,8 @@ class EvalReport:
                 models[label] = ModelResults(
                     perplexity={lang: float(v) for lang, v in perplexity.items()},
                     ood_perplexity={lang: float(v) for lang, v in sections["ood_perplexity"].get(label, {}).items()},
-                    harness=dict(sections["harness"].get(label, {})),
+                    harness={task: {k: float(v) for k, v in metrics.items()}  # (older reports: {"skipped": why})
+                             for task, metrics in sections["harness"].get(label, {}).items() if isinstance(metrics, dict)},
                     parameters=None if parameters is None else int(parameters),
                     routing=None if routing is None else {lang: routing_from_json(layers)
                                                           for lang, layers in routing.items()},

@@ -28,7 +28,7 @@ import torch
 from pipeline import distributed, log
 from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
-from pipeline.config import RunConfig
+from pipeline.config import HarnessConfig, RunConfig
 from pipeline.corpus import builtin_corpus, ood_documents, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
 from pipeline.eval_report import (EvalReport, ExpertLayout, LanguageGroups, ModelResults, RoundLanguages,
@@ -221,24 +221,60 @@ def translate_chrf(model: torch.nn.Module, tokenizer, examples: list[tuple[str, 
     return TranslationScore(score, len(tests), samples)
 
 
-def run_harness(model_path: Path, tasks: list[str]) -> dict:
-    """lm-evaluation-harness on local task data, when installed; otherwise a clear 'skipped' entry."""
-    if not tasks:
-        return {}
-    try:
+class Harness:
+    """lm-evaluation-harness tasks (``evaluate.harness``) for the models of a run: the task names are checked
+    once, before any model is scored; an unknown task or a failing one is a ``LayerMoEError`` naming it."""
+
+    def __init__(self, settings: HarnessConfig):
+        self.settings = settings
+        self.manager, self.fingerprint = None, []
+        if not settings.tasks:
+            return
         import lm_eval
-    except ImportError:
-        message = "lm-evaluation-harness is not installed (pip install lm-eval); harness tasks skipped"
-        log.warn(message)
-        return {"skipped": message}
-    try:
-        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path},trust_remote_code=True",
-                                          tasks=tasks, batch_size=1)
-        return {task: values for task, values in results["results"].items()}
-    except Exception as e:  # most often: task data not available offline
-        message = f"harness tasks {tasks} skipped: {type(e).__name__}: {e}"
-        log.warn(message)
-        return {"skipped": message}
+        from lm_eval.tasks import TaskManager  # the harness extra (checked by config validation)
+
+        if settings.include_path and not Path(settings.include_path).is_dir():
+            raise LayerMoEError(f"evaluate.harness.include_path: {settings.include_path} is not a directory")
+        # lm-eval's own task index takes a while to build (thousands of YAML files): only when a task is not local
+        self.manager = TaskManager(include_path=settings.include_path, include_defaults=False) \
+            if settings.include_path else None
+        if self.manager is None or any(task not in self.manager.all_tasks for task in settings.tasks):
+            log.info("lm-evaluation-harness: indexing its tasks")
+            self.manager = TaskManager(include_path=settings.include_path)
+        known = set(self.manager.all_tasks)
+        unknown = [task for task in settings.tasks if task not in known]
+        if unknown:
+            where = f"lm-eval's tasks or {settings.include_path}" if settings.include_path else "lm-eval's tasks"
+            raise LayerMoEError(f"evaluate.harness.tasks: unknown lm-evaluation-harness task(s) {unknown}: not in "
+                                f"{where} (a local task is a YAML file in evaluate.harness.include_path)")
+        # what decides a task's result besides the model: the settings, lm-eval's version, the local task files
+        local_tasks = hash_path(Path(settings.include_path)) if settings.include_path else None
+        self.fingerprint = [settings.num_fewshot, settings.limit, lm_eval.__version__, local_tasks]
+
+    def score(self, model: torch.nn.Module, tokenizer, task: str, label: str) -> dict[str, float]:
+        """``task``'s metrics for ``model``, e.g. ``{"acc": 0.41, "acc_stderr": 0.02, "samples": 100}`` (a group
+        task also gets its subtasks' metrics, as ``<subtask>/<metric>``)."""
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        s = self.settings
+        limit = None if s.limit is None else (int(s.limit) if s.limit >= 1 else s.limit)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size, device=str(model.device))
+            results = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=s.num_fewshot, limit=limit,
+                                              task_manager=self.manager, log_samples=False, verbosity="WARNING")
+        except Exception as e:  # the harness raises anything (missing data offline, bad task YAML, ...)
+            raise LayerMoEError(f"lm-evaluation-harness task {task!r} failed on model {label}: {type(e).__name__}: "
+                                f"{str(e)[:300]}") from e
+        metrics = {}
+        for name, values in results["results"].items():
+            prefix = "" if name == task else f"{name}/"
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics[prefix + key.replace(",none", "")] = float(value)
+            if name in results.get("n-samples", {}):
+                metrics[prefix + "samples"] = float(results["n-samples"][name]["effective"])
+        return metrics
 
 
 LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "zh": "Chinese", "el": "Greek", "hu": "Hungarian", "tr": "Turkish",
@@ -267,6 +303,7 @@ class _Scoring:
 
     def __init__(self, config: RunConfig, languages: LanguageGroups, tokenizer, stores: StoreIndex):
         self.config, self.settings, self.languages, self.tokenizer = config, config.evaluate, languages, tokenizer
+        self.harness = Harness(self.settings.harness)  # unknown tasks are an error before any model is scored
         self.blocks = heldout_blocks(config, languages.all, stores)
         self.ood_blocks = ood_blocks(config, languages.all, tokenizer)
         self.cache = ResultCache(Path(self.settings.cache_dir) if self.settings.cache_dir
@@ -313,10 +350,28 @@ def _evaluate_model(scoring: _Scoring, m: EvalModel, translate: bool) -> ModelRe
                            sum(n - 1 for n in model_config["experts_per_layer"])) if routing else None
     translation = (_translations(scoring, model, m) if translate and scoring.settings.translation_sentences > 0
                    else None)
-    tasks = scoring.settings.harness_tasks
-    harness = distributed.run_on_main(functools.partial(run_harness, m.path, tasks), {}) if tasks else {}
+    # harness tasks on rank 0 alone (the other ranks wait)
+    harness = (distributed.run_on_main(functools.partial(_harness_scores, scoring, model, m), {})
+               if scoring.harness.settings.tasks else {})
     return ModelResults(perplexity, ood_perplexity, harness, parameter_count(m.path), routing or None, experts,
                         translation)
+
+
+def _harness_scores(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel) -> dict[str, dict[str, float]]:
+    """Every harness task's metrics for one model, from the cache when this model was scored before."""
+    harness, scores = scoring.harness, {}
+    device = pick_device(harness.settings.device)
+    on_device = model if device == "cpu" else functools.cache(functools.partial(load_causal_lm, m.path, "float32", device))
+    for task in harness.settings.tasks:
+        key = scoring.cache.key(m.path, "harness", task, harness.fingerprint)
+        scores[task] = scoring.cache.get(key, dict)
+        if scores[task] is None:
+            scores[task] = harness.score(on_device(), scoring.tokenizer, task, m.label)
+            scoring.cache.put(key, scores[task])
+        shown = {k: v for k, v in scores[task].items() if "/" not in k and not k.endswith("_stderr") and k != "samples"}
+        log.info(f"evaluate {m.label}: {task} " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
+                 + f" ({scores[task].get('samples', 0):.0f} examples)")
+    return scores
 
 
 def _language_score(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: EvalModel, lang: str,
@@ -348,7 +403,9 @@ def _translations(scoring: _Scoring, model: Callable[[], torch.nn.Module], m: Ev
             scores[lang] = translate_chrf(model(), scoring.tokenizer, examples, tests, LANGUAGE_NAMES.get(lang, lang),
                                           e.translation_max_new_tokens)
             scoring.cache.put(key, asdict(scores[lang]))
-        log.info(f"evaluate {m.label}: en->{lang} chrF {scores[lang].chrf:.1f}")
+        score = scores[lang]
+        caveat = " (few sentences: a rough indication only)" if score.few_sentences else ""
+        log.info(f"evaluate {m.label}: en->{lang} chrF {score.chrf:.1f} over {score.sentences} sentences{caveat}")
     return scores
 
 

@@ -1,17 +1,15 @@
-"""Human-readable reports: report.md with tables, plots, the short table printed at the end of a run, and
-``compare`` across runs."""
+"""Human-readable evaluation reports: report.md with its tables and figures, and the short table printed at the
+end of a run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.atomic import read_json, write_text
-from pipeline.errors import LayerMoEError
-from pipeline.eval_report import EvalReport, Routing, read_report
-from pipeline.plots import pyplot, save_figure
+from pipeline.atomic import write_text
+from pipeline.eval_report import FEW_SENTENCES, EvalReport, Routing
 
 
-def _fmt(value, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -24,7 +22,7 @@ def perplexity_table(report: EvalReport) -> list[str]:
     for label, results in report.models.items():
         avg = report.group_average(label)
         values = [results.perplexity[l] for l in languages] + [results.ood_perplexity.get(l) for l in ood]
-        rows.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(avg.old)} | {_fmt(avg.new)} |")
+        rows.append(f"| {label} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(avg.old)} | {fmt(avg.new)} |")
     return rows
 
 
@@ -44,6 +42,14 @@ def forgetting_tables(report: EvalReport) -> list[str]:
     return lines
 
 
+def experts_in_words(experts_per_layer: list[int]) -> str:
+    """[1, 3, 2] -> '3 new experts in 2 of 3 layers (per layer: 1 3 2)'."""
+    new = sum(n - 1 for n in experts_per_layer)
+    expanded = sum(1 for n in experts_per_layer if n > 1)
+    return (f"{new} new experts in {expanded} of {len(experts_per_layer)} layers "
+            f"(experts per layer: {' '.join(map(str, experts_per_layer))})")
+
+
 def short_table(report: EvalReport) -> str:
     """The table printed at the end of a run: perplexity base vs final model, and the experts added."""
     labels = list(report.models)
@@ -58,13 +64,13 @@ def short_table(report: EvalReport) -> str:
         lines.append(f"{lang:<6}{'ood':<6}{b:>12.2f}{f:>12.2f}{100 * (f - b) / b:>8.1f}%")
     for label, results in report.models.items():
         if results.experts is not None and "/" not in label:
-            lines.append(f"{label}: {results.experts.new_experts} new experts in total, per layer "
-                         f"{results.experts.experts_per_layer}")
+            lines.append(f"{label}: {experts_in_words(results.experts.experts_per_layer)}")
     return "\n".join(lines)
 
 
-def write_report_md(report: EvalReport, out: Path, figures: list[str]) -> None:
-    """report.md: perplexity, forgetting, routing, translation, and the figures."""
+def write_report_md(report: EvalReport, out: Path, figures: list[tuple[str, str]]) -> None:
+    """report.md: perplexity, forgetting, experts, routing, translation, harness tasks, and the figures
+    (``(file name, caption)`` pairs)."""
     models = report.models.items()
     lines = [f"# LayerMoE report: {report.run} (round {report.round})", "",
              f"Old languages: {', '.join(report.languages.old)}; new: {', '.join(report.languages.new)}.", "",
@@ -85,111 +91,86 @@ def write_report_md(report: EvalReport, out: Path, figures: list[str]) -> None:
     for label, results in models:
         if results.experts is not None:
             e = results.experts
-            lines.append(f"* {label}: {e.new_experts} new experts; per layer {e.experts_per_layer}; "
-                         f"classifiers in layers {e.classifier_layers}")
-    lines += ["", "## Routing (per layer: share of old-language tokens whose top-1 is expert 0; classifier accuracy)", ""]
-    for label, results in models:
-        if results.routing is not None:
-            lines += [f"### {label}", "", *_routing_table(results.routing), ""]
-    translated = {label: results.translation for label, results in models if results.translation is not None}
-    if any(translated.values()):
-        lines += ["## Translation (few-shot en -> X, chrF)", ""]
+            lines.append(f"* {label}: {experts_in_words(e.experts_per_layer)}; routing classifiers in layers "
+                         f"{', '.join(map(str, e.classifier_layers)) or 'none'}")
+    routed = [(label, results.routing) for label, results in models if results.routing is not None]
+    if routed:
+        lines += ["", "## Routing", "",
+                  "Per layer, the share of old-language tokens whose top-1 expert is expert 0 (the original FFN), "
+                  "and the routing classifiers' mean accuracy (old vs new language).", ""]
+        for label, routing in routed:
+            lines += [f"### {label}", "", *_routing_table(routing), ""]
+    translated = {label: results.translation for label, results in models if results.translation}
+    if translated:
+        lines += ["## Translation (few-shot English -> X, chrF)", ""]
+        few = any(score.few_sentences for scores in translated.values() for score in scores.values())
+        if few:
+            lines += [f"Fewer than {FEW_SENTENCES} test sentences: a rough indication only, not a basis for "
+                      f"comparing models.", ""]
         for label, scores in translated.items():
             lines.append(f"* {label}: " + ", ".join(f"{l} {v.chrf:.1f} ({v.sentences} sentences)"
                                                     for l, v in scores.items()))
         lines.append("")
-    skipped = {label: results.harness_skipped for label, results in models if results.harness_skipped}
-    if skipped:
-        lines += ["## lm-evaluation-harness", "", *(f"* {label}: {msg}" for label, msg in skipped.items()), ""]
-    lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures), ""]
+    harness = harness_table(report)
+    if harness:
+        lines += ["## lm-evaluation-harness", "", *harness, ""]
+    lines += ["## Figures", ""]
+    for name, caption in figures:
+        lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
     write_text(out, "\n".join(lines))
 
 
+def harness_metrics(report: EvalReport) -> list[tuple[str, str]]:
+    """The (task, metric) pairs of the report's harness results, in a stable order, without standard errors and
+    sample counts (shown beside the value instead)."""
+    pairs: list[tuple[str, str]] = []
+    for results in report.models.values():
+        for task, metrics in results.harness.items():
+            pairs += [(task, m) for m in metrics if not m.endswith("_stderr") and m != "samples"
+                      and "/" not in m and (task, m) not in pairs]
+    return pairs
+
+
+def harness_value(metrics: dict[str, float] | None, metric: str) -> str:
+    """'0.412 ± 0.021' (or '-' when not measured)."""
+    if not metrics or metric not in metrics:
+        return "-"
+    error = metrics.get(f"{metric}_stderr")
+    return f"{metrics[metric]:.3f}" + (f" ± {error:.3f}" if error is not None else "")
+
+
+def harness_table(report: EvalReport) -> list[str]:
+    """Markdown rows: one per model, one column per (task, metric); empty when no task was run."""
+    pairs = harness_metrics(report)
+    if not pairs:
+        return []
+    samples = {task: metrics.get("samples") for results in report.models.values()
+               for task, metrics in results.harness.items()}
+    rows = ["| model | " + " | ".join(f"{task} {metric}" for task, metric in pairs) + " |",
+            "|---|" + "---:|" * len(pairs)]
+    for label, results in report.models.items():
+        rows.append(f"| {label} | " + " | ".join(harness_value(results.harness.get(task), metric)
+                                                for task, metric in pairs) + " |")
+    counts = ", ".join(f"{task} {count:.0f}" for task, count in samples.items() if count is not None)
+    return rows + ([f"\nExamples per task: {counts}."] if counts else [])
+
+
 def _routing_table(routing: Routing) -> list[str]:
-    """Markdown rows: one per language, the expert-0 share of old-language tokens per layer, classifier accuracy."""
+    """Markdown rows: one per language that has old-language tokens (the share is undefined for the others),
+    the expert-0 share per layer, classifier accuracy."""
     layers = list(next(iter(routing.values())))
     rows = ["| language | " + " | ".join(f"L{i}" for i in layers) + " | classifier acc |",
             "|---|" + "---:|" * (len(layers) + 1)]
+    without = []
     for lang, per_layer in routing.items():
         share = [per_layer[i].original_top1_expert0 for i in layers]
         accuracy = [v.classifier_accuracy for v in per_layer.values() if v.classifier_accuracy is not None]
         acc = sum(accuracy) / len(accuracy) if accuracy else None
-        rows.append(f"| {lang} | " + " | ".join(_fmt(s) for s in share) + f" | {_fmt(acc)} |")
+        if all(s is None for s in share):
+            without.append((lang, acc))
+            continue
+        rows.append(f"| {lang} | " + " | ".join(fmt(s) for s in share) + f" | {fmt(acc)} |")
+    if without:
+        rows.append("\nNew languages (no expert-0 share to show): classifier accuracy "
+                    + ", ".join(f"{lang} {fmt(acc)}" for lang, acc in without) + ".")
     return rows
-
-
-def plot_perplexity(report: EvalReport, path: Path) -> None:
-    """Old/new average perplexity per model."""
-    plt = pyplot()
-    labels = list(report.models)
-    averages = [report.group_average(label) for label in labels]
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 3.5))
-    width = 0.38
-    for offset, group in ((-width / 2, "old"), (width / 2, "new")):
-        values = [getattr(avg, group) or 0 for avg in averages]
-        ax.bar([i + offset for i in range(len(labels))], values, width, label=f"{group} languages")
-    ax.set_xticks(range(len(labels)), labels, rotation=20)
-    ax.set_ylabel("perplexity (held-out)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_routing_heatmap(routing: Routing, title: str, path: Path) -> None:
-    """Expert load per language: rows = languages, columns = (layer, expert) share of that layer's slots."""
-    plt = pyplot()
-    langs = list(routing)
-    layers = sorted(routing[langs[0]])
-    columns, matrix = [], []
-    for lang in langs:
-        row = []
-        for layer in layers:
-            load = routing[lang][layer].load
-            total = sum(load) or 1
-            row += [v / total for v in load]
-        matrix.append(row)
-    for layer in layers:
-        columns += [f"{layer}.{e}" for e in range(len(routing[langs[0]][layer].load))]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(columns)), 0.5 * len(langs) + 1.5))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(langs)), langs)
-    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=5)
-    ax.set_xlabel("layer.expert (share of the layer's routed slots)")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def compare_runs(run_dirs: list[Path]) -> str:
-    """Several runs side by side, round by round (e.g. LayerMoE vs uniform MoE-LPR): each round's model from
-    that round's report, so that runs with more rounds compare on the same languages; the base model once per
-    run; per-language perplexities after the averages."""
-    rows, languages = [], []
-    for run_dir in map(Path, run_dirs):
-        reports = _round_reports(run_dir)
-        for i, report in enumerate(reports):
-            for label in ([report.base_label] if i == 0 else []) + [report.round]:
-                results, avg = report.models[label], report.group_average(label)
-                languages += [l for l in results.perplexity if l not in languages]
-                experts = results.experts.new_experts if results.experts is not None else 0
-                params = results.parameters
-                rows.append((f"| {run_dir.name} | {report.round} | {label} | {experts} | "
-                             f"{'-' if params is None else f'{params / 1e6:,.1f}M'} | {_fmt(avg.old)} | "
-                             f"{_fmt(report.old_ood_average(label))} | {_fmt(avg.new)} |", results.perplexity))
-    header = ["| run | round | model | new experts (all rounds) | total params | old in-domain | old out-of-domain | "
-              "new ppl | " + " | ".join(languages) + " |",
-              "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(languages)]
-    return "\n".join(header + [row + " " + " | ".join(_fmt(ppl.get(l)) for l in languages) + " |" for row, ppl in rows])
-
-
-def _round_reports(run_dir: Path) -> list[EvalReport]:
-    """The evaluate reports of a run's rounds, in round order."""
-    names = [r["name"] for r in read_json(run_dir / "config.json", "run config", " (not a run directory?)")["rounds"]]
-    reports = [run_dir / name / "evaluate" / "report.json" for name in names]
-    found = [read_report(r) for r in reports if r.is_file()]
-    if not found:
-        raise LayerMoEError(f"{run_dir}: no evaluate/report.json found (has the run finished a round?)")
-    return found

@@ -89,21 +89,41 @@ class RoutingStats:
             )
         return out
 
+    def overview(self) -> RoutingOverview | None:
+        """Averages over the MoE layers (None without any MoE layer)."""
+        layers = self.summary().values()
+        if not layers:
+            return None
+
+        def mean(values: list[float | None]) -> float | None:
+            present = [v for v in values if v is not None]
+            return sum(present) / len(present) if present else None
+
+        return RoutingOverview(mean([v.load_max_over_mean for v in layers]), sum(v.dead_experts for v in layers),
+                               mean([v.original_top1_expert0 for v in layers]),
+                               mean([v.classifier_accuracy for v in layers]))
+
     def one_line(self) -> str:
         """A compact overview: mean load imbalance, dead experts, expert-0 share, classifier accuracy."""
-        s = self.summary().values()
-        if not s:
+        o = self.overview()
+        if o is None:
             return "no MoE layers"
-        imbalance = [v.load_max_over_mean for v in s if v.load_max_over_mean is not None]
-        share = [v.original_top1_expert0 for v in s if v.original_top1_expert0 is not None]
-        acc = [v.classifier_accuracy for v in s if v.classifier_accuracy is not None]
-        parts = [f"load max/mean {sum(imbalance) / max(len(imbalance), 1):.2f}",
-                 f"dead experts {sum(v.dead_experts for v in s)}"]
-        if share:
-            parts.append(f"orig->expert0 {sum(share) / len(share):.1%}")
-        if acc:
-            parts.append(f"classifier acc {sum(acc) / len(acc):.1%}")
+        parts = [f"load max/mean {o.load_max_over_mean or 0:.2f}", f"dead experts {o.dead_experts}"]
+        if o.original_top1_expert0 is not None:
+            parts.append(f"orig->expert0 {o.original_top1_expert0:.1%}")
+        if o.classifier_accuracy is not None:
+            parts.append(f"classifier acc {o.classifier_accuracy:.1%}")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RoutingOverview:
+    """A routing interval in four numbers, averaged over the MoE layers (metrics.jsonl, TensorBoard, the log)."""
+
+    load_max_over_mean: float | None
+    dead_experts: int
+    original_top1_expert0: float | None
+    classifier_accuracy: float | None
 
 
 def routing_to_json(layers: dict[int, LayerRouting]) -> dict[str, dict]:

@@ -7,6 +7,7 @@ Every command holds the run directory (``pipeline.run_dir.claimed_run_dir``: its
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -79,9 +80,38 @@ def run_single_stage(config: RunConfig, stage: Stage, round_name: str | None = N
         if options.resume_from is not None:
             target = (config.round_index(round_name), stage.name) if round_name else \
                 resume_target(config, options.resume_from, (stage,))
-        rounds = [config.round_index(round_name)] if round_name else ready_rounds(config)
+        rounds = [config.round_index(round_name)] if round_name else list(ready_rounds(config))
         for r in rounds:
             stage.run(config, r, _options_for(options, target, r, stage))
+    if stage.name == "evaluate" and rounds:
+        print_report(config, rounds[-1])
+
+
+class RunProgress:
+    """``stage k/N: <round>/<stage>`` headers with the time so far and an estimate of the time left: each
+    remaining stage is expected to take as long as it last took in this run (an earlier round), or else the
+    mean of the stages that ran so far; stages that were up to date count as taking no time."""
+
+    RAN = 1.0  # seconds: a stage that took less was (as good as) skipped
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.took: dict[str, float] = {}  # stage name -> seconds, the last time it ran
+
+    def header(self, round_name: str, stage: str, remaining: list[str]) -> None:
+        """Log the header of ``stage``; ``remaining``: the names of the stages after it."""
+        self.done += 1
+        elapsed = log.duration(time.monotonic() - self.started)
+        if self.took:
+            mean = sum(self.took.values()) / len(self.took)
+            left = f"about {log.duration(sum(self.took.get(name, mean) for name in [stage, *remaining]))} left"
+        else:
+            left = "time left: estimated once a stage has run"
+        log.info(f"stage {self.done}/{self.total}: {round_name}/{stage} (elapsed {elapsed}, {left})")
+
+    def finished(self, stage: str, seconds: float) -> None:
+        if seconds >= self.RAN:
+            self.took[stage] = seconds
 
 
 def run_pipeline(config: RunConfig, options: StageOptions = StageOptions(), first: str | None = None,
@@ -90,11 +120,18 @@ def run_pipeline(config: RunConfig, options: StageOptions = StageOptions(), firs
     the stages run in each round (``--from``, ``--until``; both = ``--only``). With
     ``launch.processes_per_node > 1`` the stages that split over ranks run under the DeepSpeed launcher."""
     selected = select_stages(first, last)
+    plan = [(r, stage) for r in range(len(config.rounds)) for stage in selected]
+    progress = RunProgress(len(plan))
+    ran = []
     with claimed_run_dir(config, start_over):
         target = resume_target(config, options.resume_from, selected) if options.resume_from is not None else None
         processes = config.launch.processes_per_node
         for r in ready_rounds(config):
+            ran.append(r)
             for stage in selected:
+                position = plan.index((r, stage))
+                progress.header(config.rounds[r].name, stage.name, [s.name for _, s in plan[position + 1:]])
+                started = time.monotonic()
                 stage_options = _options_for(options, target, r, stage)
                 if stage.splits_over_ranks and processes > 1 and distributed.current().world_size == 1:
                     run_stage_in_processes(stage.name, stage.entry_argv, config.run_path / "config.json",
@@ -102,8 +139,15 @@ def run_pipeline(config: RunConfig, options: StageOptions = StageOptions(), firs
                                            stage_options.resume_from)
                 else:
                     stage.run(config, r, stage_options)
-    report_md = stage_dir(config, len(config.rounds) - 1, "evaluate") / "report.md"
-    if report_md.exists() and any(stage.name == "evaluate" for stage in selected):
-        report = read_report(report_md.with_name("report.json"))
-        print(f"\nReport: {report_md}\n\n{short_table(report)}", flush=True)
+                progress.finished(stage.name, time.monotonic() - started)
+    if ran and any(stage.name == "evaluate" for stage in selected):
+        print_report(config, ran[-1])
     log.info(f"run complete: {config.run_path}")
+
+
+def print_report(config: RunConfig, round_index: int) -> None:
+    """Print where round ``round_index``'s report is and its short table (on stdout, once), if it exists."""
+    report_md = stage_dir(config, round_index, "evaluate") / "report.md"
+    if report_md.exists() and distributed.current().is_main:
+        report = read_report(report_md.with_name("report.json"))
+        print(f"\nReport: {report_md}\n\n{short_table(report)}\n", flush=True)

@@ -14,8 +14,9 @@ disagree::
     runs/<name>/<round>/analyze/   similarity.json, similarity.png, manifest.json
     runs/<name>/<round>/allocate/  allocation.json, allocation.png, manifest.json
     runs/<name>/<round>/upcycle/   model/ (expanded HF directory), manifest.json
-    runs/<name>/<round>/train_stage1/, train_stage2/   model/, routing_stats.json, manifest.json
+    runs/<name>/<round>/train_stage1/, train_stage2/   model/, metrics.jsonl, routing_stats.json, manifest.json
     runs/<name>/<round>/evaluate/  report.json, report.md, *.png, manifest.json
+    runs/<name>/<round>/export/    model/ (the model to share: weights, tokenizer, README.md model card), manifest.json
 """
 
 from __future__ import annotations
@@ -31,22 +32,23 @@ import torch
 from pipeline import distributed, log
 from pipeline.allocate import allocate, read_allocation, write_allocation
 from pipeline.analyze import language_means
-from pipeline.atomic import write_json
+from pipeline.atomic import read_json, write_json, write_text
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.checkpoint_dir import StageIdentity, prepare_checkpoint_dir, start_point
-from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, RoundConfig, RunConfig, TrainingStage,
-                             UpcycleConfig, check_top_k, result_settings)
+from pipeline.config import (AllocateConfig, AnalyzeConfig, EvaluateConfig, ExportConfig, RoundConfig, RunConfig,
+                             TrainingStage, UpcycleConfig, check_top_k, result_settings)
 from pipeline.corpus import LanguageSource, Split, ood_source, resolve_source
 from pipeline.errors import LayerMoEError
-from pipeline.eval_report import EvalReport, LanguageGroups
-from pipeline.evaluate import EvalModel, evaluate_models
-from pipeline.export import export_model
+from pipeline.eval_report import EvalReport, LanguageGroups, read_report
+from pipeline.evaluate import EvalModel, evaluate_models, parameter_count
+from pipeline.export import export_model, make_tokenizer_portable
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
 from pipeline.manifest import StageSpec, hash_path, run_stage
+from pipeline.model_card import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_ID, CardFacts, TrainedStage, model_card
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
-from pipeline.plots import plot_similarity
-from pipeline.report import plot_perplexity, plot_routing_heatmap, short_table, write_report_md
+from pipeline.plots import plot_loss_curves, plot_perplexity, plot_routing_heatmap, plot_similarity, words
+from pipeline.report import write_report_md
 from pipeline.run_dir import round_input_model, stage_dir, stores_file, trained_model_dir
 from pipeline.similarity import Similarity, group_similarities, layer_scores, pairwise_similarities, read_similarity
 from pipeline.store_index import STORES_FILE, StoreEntry, StoreIndex
@@ -54,6 +56,7 @@ from pipeline.token_store import TOKENIZER_FILES, TokenStore, tokenizer_fingerpr
 from pipeline.tokenize_corpus import language_stores
 from pipeline.train import init_deepspeed_distributed, train_stage, training_settings
 from pipeline.training_data import stage_languages
+from pipeline.training_metrics import METRICS_FILE, ROUTING_FILE, loss_weights, read_metrics
 from pipeline.upcycle import ExpansionRound, grow, upcycle
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
@@ -228,7 +231,8 @@ def _analyze(settings: AnalyzeSettings, round_name: str, model_path: Path, store
     if out is not None:
         write_json(out / "similarity.json", sim.to_json(tokens=counts, model=str(model_path)))
         groups = {k: v for k, v in group_similarities(pairs, old, new).items() if k != "all_pairs"}
-        plot_similarity(groups, sim.layer_scores, f"{round_name}: new {new} vs old {old}", out / "similarity.png")
+        plot_similarity(groups, sim.layer_scores, f"{round_name}: new languages {words(new)} vs old {words(old)}",
+                        out / "similarity.png")
     lo, hi = min(sim.layer_scores), max(sim.layer_scores)
     log.info(f"analyze {round_name}: S ranges {lo:.4f}..{hi:.4f} over {sim.num_layers} layers "
              f"(lowest at layer {sim.layer_scores.index(lo)}, highest at layer {sim.layer_scores.index(hi)})")
@@ -278,7 +282,10 @@ def _allocate(settings: AllocateSettings, rnd: RoundConfig, model_path: Path, si
              f"({sum(result.new_experts_per_layer)} new), classifier layers {result.classifier_layers}")
     log.info("parameter plan (top-2):\n" + format_plan(params))
     if out is not None:
-        write_allocation(out, result, settings.allocate, rnd.name, round=rnd.name, new_languages=rnd.languages,
+        earlier = model_config.get("expert_rounds") or [[0]] * len(totals)
+        round_names = [*(r["name"] for r in model_config.get("rounds", [])), rnd.name]
+        write_allocation(out, result, settings.allocate, f"{rnd.name} ({words(rnd.languages)})", earlier, round_names,
+                         round=rnd.name, new_languages=rnd.languages,
                          parameters={"total": params.total, "activated_top2": params.activated, "dense": params.dense_total})
     return {"total_new_experts": sum(result.new_experts_per_layer), "classifier_layers": result.classifier_layers}
 
@@ -414,8 +421,10 @@ def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, s
     distributed.raise_if_failed_anywhere(error, f"preparing {checkpoints}")
     result = train_stage(config, round_index, training_stage, model_in, checkpoints, start_point(checkpoints),
                          out / "model" if out else None)
-    if out is not None and (checkpoints / "routing_stats.json").exists():
-        shutil.copyfile(checkpoints / "routing_stats.json", out / "routing_stats.json")
+    if out is not None:
+        for name in (METRICS_FILE, ROUTING_FILE):
+            if (checkpoints / name).exists():
+                shutil.copyfile(checkpoints / name, out / name)
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
             "peak_memory_gib": result.peak_memory_gib, "memory_before_model_gib": result.memory_before_model_gib,
             "trained_parameters": result.trained_parameters, "resumed_from": str(resume_from) if resume_from else None}
@@ -469,27 +478,113 @@ def _evaluate(config: RunConfig, round_index: int, models: list[EvalModel], lang
         figures = _report_figures(config, round_index, report, out)
         write_json(out / "report.json", report.to_json())
         write_report_md(report, out / "report.md", figures)
-    log.info("perplexity, base vs final model:\n" + short_table(report))
     return {"group_average": report.to_json()["group_average"]}
 
 
-def _report_figures(config: RunConfig, round_index: int, report: EvalReport, out: Path) -> list[str]:
-    """Plot the report's figures into ``out`` and copy in each round's similarity and allocation plots."""
-    figures = ["perplexity.png"]
+def _report_figures(config: RunConfig, round_index: int, report: EvalReport, out: Path) -> list[tuple[str, str]]:
+    """Plot the report's figures into ``out`` (perplexity, each round's training curves, routing heat maps) and
+    copy in each round's similarity and allocation plots; ``(file name, caption)`` pairs."""
+    figures = [("perplexity.png", "Held-out perplexity per language")]
     plot_perplexity(report, out / "perplexity.png")
+    for q in range(round_index + 1):
+        name = config.rounds[q].name
+        files = [(n, stage_dir(config, q, f"train_stage{n}") / METRICS_FILE) for n in (1, 2)]
+        stages = {n: records for n, path in files if path.is_file() and (records := read_metrics(path))}
+        if stages:  # (none or one stage: a run trained before metrics.jsonl existed, or resumed at its last step)
+            plot_loss_curves(stages, loss_weights(config), f"{name} ({words(config.rounds[q].languages)}): training "
+                             f"losses", out / f"loss_{name}.png")
+            figures.append((f"loss_{name}.png", f"Training losses of round {name}"))
     for label, results in report.models.items():
         if results.routing is not None:
             name = f"routing_{label.replace('/', '_')}.png"
-            plot_routing_heatmap(results.routing, f"{label}: expert load per language", out / name)
-            figures.append(name)
+            plot_routing_heatmap(results.routing, f"{label}: expert load per language on held-out text", out / name,
+                                 config.upcycle.top_k)
+            figures.append((name, f"Expert load of {label}"))
     for q in range(round_index + 1):
-        for stage, png in (("analyze", "similarity.png"), ("allocate", "allocation.png")):
+        for stage, png, caption in (("analyze", "similarity.png", "Layer-wise similarity"),
+                                    ("allocate", "allocation.png", "Experts per layer")):
             source = stage_dir(config, q, stage) / png
             if source.exists():
                 target = f"{config.rounds[q].name}_{png}"
                 shutil.copyfile(source, out / target)
-                figures.append(target)
+                figures.append((target, f"{caption}, round {config.rounds[q].name}"))
     return figures
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What decides a round's shared copy of its model (besides its inputs: the trained model, the report)."""
+
+    export: ExportConfig
+    base_model: str
+    data: dict[str, str]  # language -> where its text came from (stated in the model card)
+
+
+def run_export(config: RunConfig, round_index: int, options: StageOptions) -> Path:
+    """export: the round's final model as a directory to share: weights in ``export.dtype``, the modeling code, a
+    tokenizer that loads with plain ``AutoTokenizer``, and a model card with the round's evaluation. (A dense
+    baseline's models stay in its training stages' directories.)"""
+    if (skipped := _skipped_for_dense(config, round_index, "export")) is not None:
+        return skipped
+    languages = config.languages_before(round_index + 1)
+    data = {lang: _data_description(config, lang) for lang in languages}
+    settings = ExportSettings(config.export, config.model.path, data)
+    model_in = trained_model_dir(config, round_index)
+    report_file = stage_dir(config, round_index, "evaluate") / "report.json"
+    body = functools.partial(_export, config, round_index, settings, model_in, report_file)
+    return _run(config, round_index, "export", settings, {"model": model_in, "report": report_file}, body, options)
+
+
+def _data_description(config: RunConfig, language: str) -> str:
+    source = config.data.sources.get(language)
+    if source is not None:
+        return f"{source.path} ({source.format})"
+    return "Debian's LibreOffice help and UI translations (MPL-2.0), the built-in corpus"
+
+
+def _export(config: RunConfig, round_index: int, settings: ExportSettings, model_in: Path, report_file: Path,
+            out: Path | None) -> dict:
+    model = load_causal_lm(model_in, settings.export.dtype, "cpu")
+    model_config = model.config
+    facts = CardFacts(
+        run=config.name, round=config.rounds[round_index].name,
+        base_model=DEFAULT_BASE_MODEL if settings.base_model == "default" else settings.base_model,
+        base_model_id=DEFAULT_BASE_MODEL_ID if settings.base_model == "default" else None,
+        original_languages=list(model_config.original_languages), rounds=list(model_config.rounds),
+        experts_per_layer=list(model_config.experts_per_layer), expert_rounds=model_config.expert_rounds,
+        classifier_layers=list(model_config.classifier_layers), top_k=model_config.num_experts_per_tok,
+        parameters=parameter_count(model_in), activated_parameters=plan(
+            model_config.base_config, model_config.experts_per_layer, model_config.classifier_layers,
+            model_config.num_experts_per_tok).activated,
+        dtype=settings.export.dtype, data=settings.data, training=_trained_stages(config, round_index),
+        report=read_report(report_file))
+    if out is not None:
+        export_model(model, out / "model", tokenizer_from=model_in)
+        make_tokenizer_portable(out / "model")
+        write_text(out / "model" / "README.md", model_card(facts))
+    log.info(f"export {facts.round}: {settings.export.dtype} weights, {facts.parameters / 1e6:,.1f}M parameters, "
+             f"with a model card")
+    return {"dtype": settings.export.dtype, "parameters": facts.parameters}
+
+
+def _trained_stages(config: RunConfig, round_index: int) -> list[TrainedStage]:
+    """Each training stage of the rounds so far, from its manifest and metrics.jsonl."""
+    stages = []
+    for q in range(round_index + 1):
+        for training_stage in (1, 2):
+            directory = stage_dir(config, q, f"train_stage{training_stage}")
+            manifest = read_json(directory / "manifest.json", "training manifest")
+            settings, summary = manifest["config"]["stage"], manifest["summary"]
+            metrics = read_metrics(directory / METRICS_FILE) if (directory / METRICS_FILE).is_file() else []
+            stages.append(TrainedStage(config.rounds[q].name, training_stage, summary["steps"],
+                                       metrics[-1]["tokens"] if metrics else None, settings["lr"],
+                                       settings["block_length"], summary["final_loss"].get("total")))
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,6 +624,8 @@ STAGES: tuple[Stage, ...] = (
           ("train.py", "--stage", "2"), resumable=True),
     Stage("evaluate", run_evaluate, True, "perplexity, forgetting, routing, translation -> report.json / report.md",
           ("evaluate.py",)),
+    Stage("export", run_export, False, "the round's model to share: weights in export.dtype, tokenizer, model card",
+          ("export.py",)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 

@@ -20,10 +20,10 @@ one :func:`train_step` per optimizer step, checkpoints, export.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,6 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from safetensors import SafetensorError
 
 from pipeline import distributed, log
-from pipeline.atomic import write_json
 from pipeline.base_model import load_causal_lm, pick_device, read_model_config
 from pipeline.checkpoint_dir import StartPoint
 from pipeline.config import RunConfig, StageTrainConfig, TrainingStage, result_settings
@@ -49,13 +48,15 @@ from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM, RoutingR
 from pipeline.losses import HiddenStates, LossParts, stage_loss
 from pipeline.memory import memory_in_use_gib, peak_memory_gib, return_freed_memory_to_the_os
 from pipeline.ranks import LOOPBACK, discover_ranks, free_port, use_local_device
-from pipeline.routing_stats import LayerRouting, RoutingStats, routing_to_json
+from pipeline.plots import expert_load_figure, pyplot
+from pipeline.routing_stats import LayerRouting, RoutingStats
 from pipeline.run_dir import stores_file
 from pipeline.stop_signals import StopRequested, deferred_stop_requests
 from pipeline.store_index import StoreIndex
 from pipeline.training_checkpoint import (Layout, ResumePoint, SavedCheckpoint, complete_checkpoints, expert_shards,
                                           newest_complete_checkpoint, save_checkpoint)
 from pipeline.training_data import StageMix, build_stage_mix, stage_languages
+from pipeline.training_metrics import MetricsLog, Trackers, loss_weights, step_record, tracked_scalars
 from pipeline.upcycle import parameter_roles, set_trainable
 
 
@@ -163,6 +164,7 @@ class StepOutcome:
 
     losses: dict[str, float]
     tokens: int
+    grad_norm: float | None  # before clipping; None when the optimizer does not report it
 
 
 @dataclass
@@ -197,7 +199,7 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
              f"ep_size {run.layout.ep_size}")
     reporter = _Reporter(run, start)
     losses: dict[str, float] = {}
-    with deferred_stop_requests() as stop:
+    with deferred_stop_requests() as stop, contextlib.closing(reporter):
         for step in range(start, run.settings.steps):
             lr = trainer.scheduler.get_last_lr()[0]  # the rate this step uses (engine.step moves the schedule on)
             outcome = train_step(run, trainer, step, reporter.routing)
@@ -356,19 +358,36 @@ def train_step(run: TrainingRun, trainer: Trainer, step: int, routing: RoutingSt
         _check_finite(f"loss {parts.as_floats()}", parts.total.detach(), step, run)
         trainer.engine.backward(parts.total)
         boundary = trainer.engine.is_gradient_accumulation_boundary()
-        local_norm = _local_gradient_norm(trainer.engine.module) if boundary else None
+        if boundary:
+            grad_norm = _gradient_norm(trainer.engine, run.layout)  # before the update (None: the optimizer keeps it)
         trainer.engine.step()
         if boundary:
-            norm = trainer.engine.get_global_grad_norm()
-            norm = torch.as_tensor(norm if norm is not None else local_norm, dtype=torch.float32, device=trainer.device)
-            _check_finite(f"gradient norm {float(norm)}", norm, step, run)
+            reported = trainer.engine.get_global_grad_norm()  # DeepSpeed's own (ZeRO, bf16 optimizers)
+            grad_norm = float(reported) if reported is not None else grad_norm
+            if grad_norm is not None:  # the same on every rank
+                _check_finite(f"gradient norm {grad_norm}", torch.tensor(grad_norm, device=trainer.device), step, run)
         routing.add(records, original.reshape(-1))
         for name, value in vars(parts).items():
             if value is not None:
                 sums[name] = sums.get(name, 0) + value.detach()
         tokens += input_ids.numel()
     micro_batches = settings.gradient_accumulation * dist.world_size
-    return StepOutcome(_batch_mean(sums, micro_batches), tokens * dist.world_size)
+    return StepOutcome(_batch_mean(sums, micro_batches), tokens * dist.world_size, grad_norm)
+
+
+def _gradient_norm(engine, layout: Layout) -> float | None:
+    """The 2-norm of the step's whole gradient, from the gradients in place at the accumulation boundary (after
+    DeepSpeed's reduction, before clipping), when the optimizer keeps no norm of its own (None then: DeepSpeed
+    reports it after the update). Every expert's gradient lives on the world_size / ep_size ranks of its
+    expert-data-parallel group; every other gradient is the same on every rank."""
+    if hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    squares = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [shared, expert]
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            squares[0 if getattr(p, "allreduce", True) else 1] += p.grad.detach().double().pow(2).sum()
+    expert = distributed.all_reduce_sum(squares[1:].clone()) * layout.ep_size / layout.world_size
+    return float((squares[0] + expert[0]).sqrt())
 
 
 def _micro_batch_loss(run: TrainingRun, engine, input_ids: torch.Tensor,
@@ -395,14 +414,6 @@ def _batch_mean(sums: dict[str, torch.Tensor], micro_batches: int) -> dict[str, 
         return {}
     values = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]).float()) / micro_batches
     return dict(zip(names, values.tolist()))
-
-
-def _local_gradient_norm(module: torch.nn.Module) -> torch.Tensor:
-    """The 2-norm of the gradients this rank's parameters hold before the optimizer step. DeepSpeed's basic
-    optimizer (ZeRO stage 0) keeps no gradient norm; ZeRO's optimizers do (``get_global_grad_norm``), and their
-    gradients are not on the parameters."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def _check_finite(what: str, value: torch.Tensor, step: int, run: TrainingRun) -> None:
@@ -457,56 +468,65 @@ def export_trained_model(model: torch.nn.Module, checkpoint: SavedCheckpoint, ex
 
 
 class _Reporter:
-    """One dense log line per step, a progress bar on a terminal, routing statistics at intervals."""
+    """One log line per step (and a progress bar on a terminal), routing statistics at intervals, metrics.jsonl,
+    TensorBoard / W&B (``pipeline/training_metrics.py``)."""
 
     def __init__(self, run: TrainingRun, start: int):
         self.run, self.start = run, start
         self.started, self.tokens = time.perf_counter(), 0
         self.routing = RoutingStats()
         self.last_routing: dict[int, LayerRouting] = {}
-        self.history: list[dict] = []
         main = distributed.current().is_main
+        self.metrics = MetricsLog(run.checkpoint_dir, start, write=main)
+        previous = self.metrics.previous or {}
+        self.tokens_before, self.elapsed_before = previous.get("tokens", 0), previous.get("elapsed_s", 0.0)
+        self.weights = loss_weights(run.config)
+        self.trackers = Trackers(run.config, run.round_index, run.training_stage, start) if main else None
         self.bar = None
-        if sys.stderr.isatty() and main:
+        if log.interactive() and main:
             from tqdm import tqdm  # only on a terminal
 
             self.bar = tqdm(total=run.settings.steps, initial=start, desc=run.name, leave=False)
-        self.writer = None
-        if run.config.train.tensorboard and main:
-            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
-
-            self.writer = SummaryWriter(str(run.checkpoint_dir / "tensorboard"))
 
     def tokens_per_second(self) -> float:
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)
 
     def step_done(self, step: int, outcome: StepOutcome, lr: float) -> None:
         self.tokens += outcome.tokens
-        done, steps, values, train = step + 1, self.run.settings.steps, outcome.losses, self.run.config.train
-        rate = self.tokens_per_second()
-        eta = (steps - done) * (time.perf_counter() - self.started) / max(done - self.start, 1)
-        weights = {"balance": train.alpha, "lpr": train.gamma, "classifier": train.beta}
-        terms = " ".join(f"{k} {v:.4f}" + (f" (x{weights[k]}={weights[k] * v:.4f})" if k in weights else "")
-                         for k, v in values.items() if k != "total")
-        line = (f"{self.run.name} step {done}/{steps} | loss {values['total']:.4f} | {terms} | "
-                f"lr {lr:.2e} | {rate:,.0f} tok/s | ETA {eta:.0f}s")
+        done, steps, values = step + 1, self.run.settings.steps, outcome.losses
+        elapsed, rate = time.perf_counter() - self.started, self.tokens_per_second()
+        eta = (steps - done) * elapsed / max(done - self.start, 1)
+        due = done % self.run.config.train.stats_every == 0 or done == steps
+        record = step_record(done, values, self.weights, lr, outcome.grad_norm, self.tokens_before + self.tokens, rate,
+                             self.elapsed_before + elapsed, self.routing.overview() if due else None)
+        terms = " ".join(f"{k} {v:.4f}" + (f" (x{self.weights[k]}={record[k + '_scaled']:.4f})" if k in self.weights
+                                           else "") for k, v in values.items() if k != "total")
+        norm = "" if outcome.grad_norm is None else f" | grad norm {outcome.grad_norm:.3f}"
+        line = (f"{self.run.name} step {done}/{steps} | loss {values['total']:.4f} | {terms} | lr {lr:.2e}{norm} | "
+                f"{rate:,.0f} tok/s | ETA {log.duration(eta)}")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.write(line)
         else:
             log.info(line)
-        if self.writer is not None:
-            tag = f"stage{self.run.training_stage}"
-            for k, v in values.items():
-                self.writer.add_scalar(f"{tag}/{k}", v, done)
-            self.writer.add_scalar(f"{tag}/lr", lr, done)
-        if done % train.stats_every == 0 or done == steps:
+        self.metrics.append(record)
+        if self.trackers is not None:
+            self.trackers.scalars(tracked_scalars(record), done)
+        if due:
             self._report_routing(done)
 
     def _report_routing(self, step: int) -> None:
         log.info(f"{self.run.name} routing @ step {step}: {self.routing.one_line()}")
         self.last_routing = self.routing.summary()
-        if distributed.current().is_main:
-            self.history.append({"step": step, "layers": routing_to_json(self.last_routing)})
-            write_json(self.run.checkpoint_dir / "routing_stats.json", self.history)
+        self.metrics.add_routing(step, self.last_routing)
+        if self.trackers is not None and self.trackers.active and self.last_routing:
+            figure = expert_load_figure(self.last_routing, f"{self.run.name}, steps up to {step}")
+            self.trackers.figure("routing/expert_load", figure, step)
+            pyplot().close(figure)
         self.routing = RoutingStats()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything LayerMoE needs on a Debian/Ubuntu machine: system MPI (for mpi4py), a virtual
-# environment in .venv, and the package with its test extras. Safe to re-run.
+# environment in .venv, and the package with its extras: tests, TensorBoard (tracking), lm-evaluation-harness
+# (harness). Safe to re-run.
 #   TORCH_SPEC   pip requirement for torch (default torch==2.13.0, the CPU wheel this project is tested with); the
 #                test extra pins triton 3.7.1, the version torch 2.13.0 declares (the router-kernel tests need it)
 set -euo pipefail
@@ -23,5 +24,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "[setup] installing layermoe and its dependencies into .venv (first time: ~1-2 minutes)"
 .venv/bin/python -m pip install -q --upgrade pip
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" -e ".[test]"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" -e ".[test,tracking,harness]"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")')"

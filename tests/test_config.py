@@ -149,6 +149,27 @@ def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
 
 def test_run_settings_are_left_out_of_the_result_settings_at_every_depth():
     settings = result_settings({"train": TrainConfig(), "seed": 3})
-    assert {"stats_every", "checkpoint_every", "tensorboard", "ep_size"}.isdisjoint(settings["train"])
+    assert {"stats_every", "checkpoint_every", "tracking", "ep_size", "loss_chunk_tokens",
+            "activation_checkpointing"}.isdisjoint(settings["train"])
     assert settings["train"]["alpha"] == 0.01 and settings["train"]["stage1"]["lr"] == StageTrainConfig().lr
     assert settings["seed"] == 3
+
+
+@pytest.mark.parametrize("override, module, message", [
+    ("train.tracking.tensorboard=true", "tensorboard", "train.tracking.tensorboard: needs the tensorboard package, "
+                                                       "which is not installed (pip install 'layermoe[tracking]')"),
+    ("train.tracking.wandb=true", "wandb", "train.tracking.wandb: needs the wandb package"),
+    ("evaluate.harness.tasks=[arc_easy]", "lm_eval", "evaluate.harness.tasks: needs the lm_eval package, which is not "
+                                                     "installed (pip install 'layermoe[harness]')"),
+])
+def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, override, module, message):
+    """In a fresh process where the package cannot be imported: exit 2, one line, and no run directory."""
+    import subprocess
+    import sys
+
+    config = write(tmp_path, BASE + f"run_dir: {tmp_path}/run\n")
+    code = (f"import sys; sys.modules[{module!r}] = None\n"  # as if not installed
+            f"from pipeline.cli import main; sys.exit(main(['run', {str(config)!r}, {override!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

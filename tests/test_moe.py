@@ -238,6 +238,8 @@ def test_save_and_load_through_both_loaders(tmp_path):
     assert config["experts_per_layer"] == [2, 3, 2] and config["classifier_layers"] == [1]
     assert config["num_experts_per_tok"] == 2 and config["pooling"] == "prefix"
     assert config["rounds"] == [{"name": "g1", "languages": ["el"]}] and config["original_languages"] == ["en"]
+    base = config["base_config"]  # transformers 4 reads the rotary base here, 5 in rope_parameters
+    assert base["rope_theta"] == base["rope_parameters"]["rope_theta"]
     ids = torch.randint(4, 400, (2, 10))
     with torch.no_grad():
         expected = model(ids).logits
@@ -259,6 +261,23 @@ def test_save_and_load_through_both_loaders(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "remote.pt"), expected)
+
+
+def test_loading_in_bfloat16_converts_every_tensor_and_keeps_tied_embeddings(tmp_path):
+    """The base model is built in the dtype the wrapper is loaded in (not the one saved in base_config), and an
+    lm_head tied to the embeddings (saved once) is no missing tensor."""
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = upcycle(AutoModelForCausalLM.from_config(config).eval(), ROUND1, ["en"])
+    perturb_experts(model)
+    out = export_model(model, tmp_path / "m")
+    loaded = load_causal_lm(out, "bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.base.lm_head.weight is loaded.base.model.embed_tokens.weight
+    ids = torch.randint(4, 400, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.to(torch.bfloat16)(ids).logits, atol=1e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("experts", [[2, 2, 1], [2, 4, 1], [2, 3, 2]])

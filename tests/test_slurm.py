@@ -90,7 +90,7 @@ def test_sbatch_expand_runs_every_stage(expansion_config, tmp_path):
     assert "world 2" in (logs / "g1.train_stage1.log").read_text()  # trained in 2 processes
     assert "rank 0 of 2" in (logs / "g1.tokenize.log").read_text()  # tokenized in 2 processes
     assert "expansion complete" in job_log
-    for stage in ("tokenize", "analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate"):
+    for stage in ("tokenize", "analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate", "export"):
         assert f"g1/{stage}: done" in job_log
 
 

@@ -19,7 +19,7 @@ import torch
 
 from conftest import synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
-from pipeline.config import StageTrainConfig, TrainConfig
+from pipeline.config import StageTrainConfig, TrainConfig, installed
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
 from pipeline.ranks import free_port
 from pipeline.losses import (HiddenStates, classifier_loss, load_balance, lpr, next_token_loss, next_token_loss_sum,
@@ -426,6 +426,33 @@ def eval_loss(model_dir: Path, root: Path, lang: str) -> float:
         return next_token_loss(model(blocks.input_ids).logits, blocks.input_ids).item()
 
 
+LOAD_EXPORT = """
+import sys
+sys.modules["pipeline"] = None  # hidden: the export must load with transformers alone
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+directory, text = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # the tokenizer needs no custom code
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype="auto")
+ids = tokenizer(text, return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+print(json.dumps({"ids": ids[0].tolist(), "logits": logits[0, -1].float().tolist(), "generated": generated.shape[1],
+                  "dtype": str(next(model.parameters()).dtype), "tokenizer": type(tokenizer).__name__}))
+"""
+
+
+def load_export_in_a_fresh_interpreter(directory: Path, text: str) -> dict:
+    """Load an exported model and its tokenizer in a new interpreter (no ``pipeline``), from a neutral directory."""
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_EXPORT, str(directory), text], cwd=directory.parent, env=env,
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "custom code" not in proc.stdout + proc.stderr  # no question about running the model's code
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     run_dir = tmp_path / "run"
     # out-of-domain English: other text, plus 5 training documents that the evaluation must drop
@@ -433,7 +460,8 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     write_jsonl(tmp_path / "en_ood.jsonl", synthetic_documents("en", 60, seed=77) + training_en[:5])
     data = {"builtin_corpus": "none", "sources": {l: {"path": str(train_setup / f"{l}.jsonl")} for l in ("en", "el", "hu")},
             "ood_sources": {"en": {"path": str(tmp_path / "en_ood.jsonl")}}}
-    config = write_config(train_setup, run_dir, sections={"data": data})
+    tensorboard = installed("tensorboard")
+    config = write_config(train_setup, run_dir, sections={"data": data}, tracking={"tensorboard": tensorboard})
     proc = run_cli(["run", str(config)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     g1 = run_dir / "g1"
@@ -482,9 +510,36 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     manifest = json.loads((g1 / "train_stage2" / "manifest.json").read_text())
     assert manifest["summary"]["steps"] == 40
 
-    # the whole run is up to date now
-    again = run_cli(["run", str(config)])
-    assert again.returncode == 0 and again.stderr.count("up to date") == 7  # tokenize ... evaluate
+    # metrics.jsonl: one line per step, every loss part unweighted and weighted, routing at statistics steps
+    for stage, steps, parts in ((1, 30, {"balance": 0.01}), (2, 40, {"lpr": 0.1, "classifier": 0.1})):
+        metrics = [json.loads(line) for line in (g1 / f"train_stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+        for m in metrics:
+            assert m["total"] == pytest.approx(m["ce"] + sum(m[f"{p}_scaled"] for p in parts), rel=1e-5)
+            assert all(m[f"{p}_scaled"] == pytest.approx(w * m[p]) for p, w in parts.items())
+            assert m["grad_norm"] > 0 and m["lr"] > 0 and m["tokens_per_second"] > 0
+        assert [m["step"] for m in metrics if "routing" in m] == list(range(10, steps + 1, 10))
+        assert metrics[-1]["tokens"] == steps * 4 * 48 and metrics[-1]["elapsed_s"] > metrics[0]["elapsed_s"]
+        assert metrics[-1]["total"] == pytest.approx(json.loads((g1 / f"train_stage{stage}" / "manifest.json")
+                                                                .read_text())["summary"]["final_loss"]["total"])
+    if tensorboard:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "logs" / "tensorboard" / "g1-stage1")).Reload()
+        assert len(events.Scalars("loss/ce")) == 30 and len(events.Scalars("loss/balance_scaled")) == 30
+        assert len(events.Scalars("routing/load_max_over_mean")) == 3 and events.Tags()["images"]
+
+    # the log: a copy of the whole output in the run directory, headers with the time left, the table once
+    run_log = next((run_dir / "logs").glob("*-run.log")).read_text()
+    assert "\r" not in run_log and all(line.startswith("[") for line in run_log.splitlines() if line)
+    assert "stage 2/8: g1/analyze (elapsed" in run_log and "stage 8/8: g1/export" in run_log
+    assert "stage 1 step 30/30" in run_log and "router backend" in run_log
+    assert proc.stdout.count("Report:") == 1 and proc.stdout.count("el    new") == 1
+
+    # the whole run is up to date now; tracking settings are not result settings: changing them re-runs nothing
+    tracking = ["train.tracking.wandb_project=another"] + (["train.tracking.tensorboard=false"] if tensorboard else [])
+    again = run_cli(["run", str(config), *tracking])
+    assert again.returncode == 0 and again.stderr.count("up to date") == 8, again.stderr[-3000:]
 
     # the report: perplexity of every model on every language, forgetting, routing, figures
     report = json.loads((g1 / "evaluate" / "report.json").read_text())
@@ -501,11 +556,44 @@ def test_stage1_then_stage2_in_process(train_setup, tmp_path):
     assert report["experts"]["g1"]["new_experts"] == 3
     assert report["parameters"]["g1"] > report["parameters"]["base"]
     md = (g1 / "evaluate" / "report.md").read_text()
-    assert "| g1 |" in md and "perplexity.png" in md and "en (out-of-domain)" in md
-    assert (g1 / "evaluate" / "routing_g1.png").stat().st_size > 1000
-    assert "Report:" in proc.stdout and "new experts in total" in proc.stdout
+    assert "| g1 |" in md and "perplexity.png" in md and "loss_g1.png" in md and "en (out-of-domain)" in md
+    for png in ("routing_g1.png", "loss_g1.png", "perplexity.png", "g1_allocation.png"):
+        assert (g1 / "evaluate" / png).stat().st_size > 10_000, png
+    assert "Report:" in proc.stdout and "new experts in" in proc.stdout
     compare = run_cli(["compare", str(run_dir)])
-    assert compare.returncode == 0 and "| run | g1 | g1 | 3 |" in compare.stdout and "old out-of-domain" in compare.stdout
+    assert compare.returncode == 0 and "| run | g1 | 3 |" in compare.stdout and "old out-of-domain" in compare.stdout
+
+    # the export: readable files, a model card, loads with transformers alone (fresh interpreter, no pipeline)
+    exported = g1 / "export" / "model"
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~current_umask() for f in exported.iterdir())
+    card = (exported / "README.md").read_text()
+    for expected in ("## Base model", "| g1 | el, hu |", "| experts | 3 | 2 |", "| g1 | 1 | 30 | 5,760 |",
+                     "## Evaluation", "trust_remote_code=True"):
+        assert expected in card, expected
+    text = synthetic_documents("el", 1, seed=5)[0]
+    loaded = load_export_in_a_fresh_interpreter(exported, text)
+    from pipeline.packing import load_tokenizer
+
+    ids = load_tokenizer(g1 / "train_stage2" / "model")(text)["input_ids"]
+    assert loaded["ids"] == ids and loaded["dtype"] == "torch.float32" and loaded["generated"] > len(ids)
+    with torch.no_grad():
+        expected_logits = stage2(torch.tensor([ids])).logits[0, -1]
+    assert torch.equal(torch.tensor(loaded["logits"]), expected_logits)
+
+    # a bf16 copy: export.dtype is a setting of the export only
+    bf16 = run_cli(["run", str(config), "export.dtype=bfloat16"])
+    assert bf16.returncode == 0 and bf16.stderr.count("up to date") == 7 and "g1/export: inputs or settings changed" \
+        in bf16.stderr
+    weights, reference = state(exported), state(g1 / "train_stage2" / "model")
+    assert all(weights[k].dtype == torch.bfloat16 and torch.equal(weights[k], reference[k].to(torch.bfloat16))
+               for k in reference)
+    assert load_export_in_a_fresh_interpreter(exported, text)["dtype"] == "torch.bfloat16"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -533,13 +621,23 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
     assert proc.returncode == -signal.SIGKILL
     stage_dir = tmp_path / "killed" / "g1" / "train_stage1"
     assert not stage_dir.exists()  # nothing half-written
-    resumed = run_cli(["train", str(killed), "--stage", "1"])
+    # resumed with other tracking settings (a run setting): the checkpoints are kept, the run continues
+    resumed = run_cli(["train", str(killed), "--stage", "1", "train.tracking.wandb_project=elsewhere"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 10" in resumed.stderr
     a, b = state(tmp_path / "ref" / "g1" / "train_stage1" / "model"), state(stage_dir / "model")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # metrics.jsonl: exactly one line per step across the kill, the same losses as the uninterrupted run
+    reference_metrics, resumed_metrics = (
+        [json.loads(line) for line in (root / "g1" / "train_stage1" / "metrics.jsonl").read_text().splitlines()]
+        for root in (tmp_path / "ref", tmp_path / "killed"))
+    assert [m["step"] for m in resumed_metrics] == list(range(1, 41))
+    assert [m["total"] for m in resumed_metrics] == [m["total"] for m in reference_metrics]
+    assert [m["grad_norm"] for m in resumed_metrics] == [m["grad_norm"] for m in reference_metrics]
+    tokens = [m["tokens"] for m in resumed_metrics]
+    assert tokens == sorted(tokens) and tokens[-1] == reference_metrics[-1]["tokens"]
 
 
 def torchrun(config: Path, stage: int, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -562,11 +660,12 @@ def assert_same_weights(a: Path, b: Path, exact: bool = False) -> None:
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("ds_config", ["ds_configs/zero1_fp32.json", "ds_configs/zero2_fp32.json"])
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero1_fp32.json", "ds_configs/zero2_fp32.json",
+                                       "ds_configs/cpu_fp32.json"])
 def test_two_processes_match_one(train_setup, tmp_path, ds_config):
-    """2 gloo ranks = 1 process with 2 accumulation steps: data parallel (ZeRO-1 / ZeRO-2), and with ep_size=2
-    also expert parallel, with uneven experts (layer 0: 2 new experts, one per rank; layer 1: 1 new expert, so
-    one rank holds none of that layer)."""
+    """2 gloo ranks = 1 process with 2 accumulation steps: data parallel (ZeRO-1 / ZeRO-2; without ZeRO the
+    gradient norm is this package's, over expert shards), and with ep_size=2 also expert parallel, with uneven
+    experts (layer 0: 2 new experts, one per rank; layer 1: 1 new expert, so one rank holds none of that layer)."""
     one = write_config(train_setup, tmp_path / "one", ds_config=ds_config,
                        stage1=dict(steps=6, micro_batch_size=2, gradient_accumulation=2),
                        stage2=dict(steps=4, micro_batch_size=2, gradient_accumulation=2))
@@ -589,6 +688,10 @@ def test_two_processes_match_one(train_setup, tmp_path, ds_config):
             assert_same_weights(a / "model", b / "model")
             loss = [json.loads((d / "manifest.json").read_text())["summary"]["final_loss"] for d in (a, b)]
             assert loss[0] == pytest.approx(loss[1], rel=1e-5), ep_size  # the last step's loss over the whole batch
+            # the gradient norm of every step is the whole batch's: the same in 1 and 2 processes
+            norms = [[json.loads(line)["grad_norm"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+                     for d in (a, b)]
+            assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[0]) > 0, ep_size
 
 
 def test_bf16_zero1_and_zero2_train_close_to_fp32(train_setup, tmp_path):

@@ -46,6 +46,7 @@ class LayerMoEConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def base(self) -> PretrainedConfig:
-        """The base architecture's config object."""
-        cfg = dict(self.base_config)
+        """The base architecture's config object, without a dtype of its own: the base model is built in the dtype
+        the wrapper is loaded in (``from_pretrained(..., dtype=...)``), not in the one the base was saved in."""
+        cfg = {k: v for k, v in self.base_config.items() if k not in ("dtype", "torch_dtype")}
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-try:
-    from .configuration_layermoe import LayerMoEConfig
-    from .router_kernel import RouteResult, route
-except ImportError:  # imported as a top-level module
-    from configuration_layermoe import LayerMoEConfig
-    from router_kernel import RouteResult, route
+# relative imports only: transformers copies these files into a package of their own when it loads a checkpoint
+# with trust_remote_code (before 4.51 it took any import outside a try block for a package to install)
+from .configuration_layermoe import LayerMoEConfig
+from .router_kernel import RouteResult, route
 
 OLD, NEW = 0, 1  # classifier classes
 
@@ -245,6 +243,14 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             if "mismatched" not in str(e):
                 raise
             raise ValueError(f"checkpoint does not match its config.json: tensor shapes differ ({e})") from e
+        # a tied tensor is saved once (the base's lm_head = its embeddings); transformers before 5 neither ties the
+        # inner model's tensors when loading this wrapper nor drops the name the tensor was not saved under
+        missing = set(info.get("missing_keys", ()))
+        if missing and getattr(model.base.config, "tie_word_embeddings", False):
+            model.base.tie_weights()
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        loaded = {id(p) for name, p in parameters.items() if name not in missing}
+        info["missing_keys"] = [k for k in missing if id(parameters.get(k)) not in loaded]
         problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"checkpoint does not match its config.json: {problems}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,8 @@ def _backend(logits: torch.Tensor) -> str:
     name = forced or ("triton" if logits.is_cuda and triton is not None else "torch")
     if name not in _announced:
         _announced.add(name)
-        print(f"[layermoe] router backend: {name}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # the format of pipeline/log.py (this file imports nothing from it)
+            print(f"[layermoe {time.strftime('%H:%M:%S')}] router backend: {name}", file=sys.stderr, flush=True)
     return name
 
 
