@@ -12,7 +12,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.eval_report import EvalReport, LanguageGroups, ModelResults, RoundLanguages, read_report
 from pipeline.method_comparison import compare_methods, methods_markdown, plot_gain_vs_forgetting, run_outcomes
-from pipeline.report import compare_runs, write_report_md
+from pipeline.compare import compare_runs, to_markdown
+from pipeline.report import write_report_md
 
 
 def two_round_report() -> EvalReport:
@@ -103,5 +104,5 @@ def test_methods_over_seeds_by_hand(tmp_path, capsys):
     assert main(["compare", "--by-method", *map(str, runs), "--figure", str(tmp_path / "cli.png")]) == 0
     assert capsys.readouterr().out.strip() == table and (tmp_path / "cli.png").exists()
     # the per-run comparison shows the old languages in-domain and out of domain
-    per_run = compare_runs(runs[:1])
+    per_run = to_markdown(compare_runs(runs[:1]))
     assert "old in-domain | old out-of-domain" in per_run and "| 20.20 | 50.50 | 12.50 |" in per_run
