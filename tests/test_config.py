@@ -93,9 +93,9 @@ def test_round_allocate_override(tmp_path):
     ("upcycle.top_k=0", r"^upcycle\.top_k: must be >= 1"),
     ("allocate.delta=.inf", r"^allocate\.delta: must be a finite number > 0"),
     ("seed=-1", r"^seed: must be in \[0, 2\^63\)"),
-    ("allocate={method: explicit, explicit: [1, 1, 1]}", r"^upcycle\.top_k: 2 is larger than every layer's expert "
+    ("allocate.method=explicit allocate.explicit=[1,1,1]", r"^upcycle\.top_k: 2 is larger than every layer's expert "
                                                           r"count \(at most 1 in allocate\.explicit\)"),
-    ("allocate={method: uniform, experts_per_layer: 1}", r"^upcycle\.top_k: 2 is larger than every layer's expert count"),
+    ("allocate.method=uniform allocate.experts_per_layer=1", r"^upcycle\.top_k: 2 is larger than every layer's expert count"),
 ])
 def test_errors_name_the_field(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

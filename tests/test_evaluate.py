@@ -27,6 +27,7 @@ def evaluate_here(tokenizer_dir) -> dict:
     from pipeline.packing import load_tokenizer
 
     model = two_round_model().eval()
+    model.set_classifiers_active(True)  # as a stage-2 model is evaluated
     results = {lang: score_blocks(model, BLOCKS, original, batch_size=2, chunk_tokens=9)
                for lang, original in (("en", True), ("el", False))}
     results["translation"] = translate_chrf(model, load_tokenizer(tokenizer_dir), PAIRS[:1], PAIRS[1:], "Greek", 6)

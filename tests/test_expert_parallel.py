@@ -307,6 +307,7 @@ def test_rank_local_loading_equals_load_then_shard(two_ranks):
 def _check_activation_checkpointing(rank: int) -> None:
     """With expert parallelism, recomputing each decoder layer in the backward (its all-to-alls included, on both
     ranks) gives the loss and gradients of keeping the activations, for both stages' losses."""
+    from pipeline.config import TrainConfig
     from pipeline.hf_modeling.modeling_layermoe import output_logits
     from pipeline.losses import HiddenStates, stage_loss
     from pipeline.train import enable_activation_checkpointing, trainable_roles
@@ -330,7 +331,7 @@ def _check_activation_checkpointing(rank: int) -> None:
                 hidden = model(input_ids=ids, use_cache=False, hidden_states_only=True).last_hidden_state
             records = {i: b.last_routing for i, b in moe_blocks(model).items()}
             parts = stage_loss(training_stage, HiddenStates(hidden, lambda x: output_logits(model, x), 7), ids,
-                               records, original)
+                               records, original, TrainConfig())
             parts.total.backward()
             grads = {n: grad_or_zero(p) for n, p in model.named_parameters() if p.requires_grad}
             results.append((parts.as_floats(), grads, sum(kept)))

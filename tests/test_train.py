@@ -334,7 +334,7 @@ def test_chunked_loss_and_activation_checkpointing_keep_the_loss_and_gradients(t
             hidden = model(input_ids=ids, use_cache=False, hidden_states_only=True).last_hidden_state
             prediction = HiddenStates(hidden, lambda x, model=model: output_logits(model, x), 5)
         records = {i: b.last_routing for i, b in moe_blocks(model).items()}
-        parts = stage_loss(training_stage, prediction, ids, records, original)
+        parts = stage_loss(training_stage, prediction, ids, records, original, TrainConfig())
         parts.total.backward()
         results[variant] = (parts.as_floats(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     losses, grads = results["logits"]
