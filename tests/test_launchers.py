@@ -21,6 +21,7 @@ from pipeline import cluster, ranks
 from pipeline.errors import LayerMoEError
 from pipeline.launch import StageProcessesFailed, launch_stage_command, run_stage_in_processes
 from pipeline.ranks import discover_ranks, free_port
+from pipeline.run_dir import MARKER
 from pipeline.stages import get_stage
 from test_slurm import slurm_problem
 from test_train import assert_same_weights, prepare, state, write_config
@@ -58,8 +59,10 @@ def analyze_setup(tmp_path_factory, tokenizer_dir) -> tuple[Path, dict]:
 
 
 def tokenized(config: Path, run_dir: Path) -> Path:
-    """``run_dir`` with the 1-process run's tokenize stage (its stores.json names the stores in the shared cache)."""
+    """``run_dir`` with the 1-process run's tokenize stage (its stores.json names the stores in the shared cache),
+    marked as a run directory like the one it comes from."""
     shutil.copytree(config.parent / "single" / "g1" / "tokenize", run_dir / "g1" / "tokenize")
+    shutil.copyfile(config.parent / "single" / MARKER, run_dir / MARKER)
     return run_dir
 
 
