@@ -30,7 +30,8 @@ def test_without_a_gpu_it_exits_2_with_one_line(tmp_path):
 def test_cpu_plumbing_mode_runs_every_step(tmp_path):
     proc = run_script(tmp_path, GPU_CHECK_CPU="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("check "):].splitlines()[1:]
+    lines = proc.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.split()[:2] == ["check", "result"]) + 1:]
     checks = {line.split()[0]: line.split()[1] for line in table}
     assert checks == dict.fromkeys(["kernel_tests", "prepare_round", "train_stage1", "train_stage2", "evaluate",
                                     "moe_cpu_benchmark"], "ok"), proc.stdout

@@ -324,6 +324,7 @@ def test_chunked_loss_and_activation_checkpointing_keep_the_loss_and_gradients(t
     results = {}
     for variant in ("logits", "chunked", "chunked + checkpointing"):
         model = two_round_model()
+        model.set_classifiers_active(training_stage == 2)  # as the training stages do
         set_trainable(model, trainable_roles(training_stage, 2))
         if variant.endswith("checkpointing"):
             enable_activation_checkpointing(model)
