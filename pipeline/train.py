@@ -393,16 +393,16 @@ def _gradient_norm(engine, layout: Layout) -> float | None:
 def _micro_batch_loss(run: TrainingRun, engine, input_ids: torch.Tensor,
                       original: torch.Tensor) -> tuple[LossParts, dict[int, RoutingRecord]]:
     """The forward of one micro-batch: the stage's loss parts and every MoE layer's routing record. With
-    ``train.loss_chunk_tokens`` the model returns its hidden states and the loss applies the LM head in chunks."""
-    train = run.config.train
-    if train.loss_chunk_tokens:
+    ``train.loss_chunk_tokens`` an expanded model returns its hidden states and the loss applies the LM head in
+    chunks."""
+    train, model = run.config.train, engine.module
+    expanded = isinstance(model, LayerMoEForCausalLM)
+    if train.loss_chunk_tokens and expanded:  # (the dense baselines compute their logits whole)
         hidden = engine(input_ids=input_ids, use_cache=False, hidden_states_only=True).last_hidden_state
-        prediction = HiddenStates(hidden, functools.partial(output_logits, engine.module), train.loss_chunk_tokens)
+        prediction = HiddenStates(hidden, functools.partial(output_logits, model), train.loss_chunk_tokens)
     else:
         prediction = engine(input_ids=input_ids, use_cache=False).logits
-    model = engine.module
-    records = ({i: block.last_routing for i, block in moe_blocks(model).items()}
-               if isinstance(model, LayerMoEForCausalLM) else {})
+    records = {i: block.last_routing for i, block in moe_blocks(model).items()} if expanded else {}
     parts = stage_loss(run.training_stage, prediction, input_ids, records, original, train)
     return parts, records
 
