@@ -70,8 +70,9 @@ UiCatalogs = dict[str, dict[str, str]]  # .mo file name -> {"CONTEXT\x04English"
 
 
 @dataclass(frozen=True)
-class LibreOfficeCorpus:
-    """A finished build: one JSONL of ``{"id", "text"}`` documents per language, plus parallel entries."""
+class CorpusBuild:
+    """A finished build of a built-in corpus: one JSONL of ``{"id", "text"}`` documents per language and the
+    build's manifest."""
 
     root: Path
     languages: tuple[str, ...]
@@ -80,12 +81,16 @@ class LibreOfficeCorpus:
         return self.root / "docs" / f"{lang}.jsonl"
 
     @property
-    def parallel_path(self) -> Path:
-        return self.root / "parallel.jsonl"
-
-    @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
+
+
+class LibreOfficeCorpus(CorpusBuild):
+    """The LibreOffice build: documents per language, plus parallel entries."""
+
+    @property
+    def parallel_path(self) -> Path:
+        return self.root / "parallel.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------- parsing

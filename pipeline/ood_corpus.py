@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Sequence
 
 from pipeline import atomic, log
 from pipeline.errors import LayerMoEError
-from pipeline.libreoffice_corpus import Extractor, apt_extract, has_text
+from pipeline.libreoffice_corpus import CorpusBuild, Extractor, apt_extract, has_text
 
 FORMAT_VERSION = 1  # of the parsed per-package caches and of a finished build
 MIN_CHARACTERS = 40  # shorter paragraphs (headings, table-of-contents labels, bare commands) are dropped
@@ -36,19 +35,8 @@ DEBIAN_REFERENCE_PACKAGES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class OodCorpus:
-    """A finished build: one JSONL of ``{"id", "text"}`` paragraph documents per language."""
-
-    root: Path
-    languages: tuple[str, ...]
-
-    def documents_path(self, lang: str) -> Path:
-        return self.root / "docs" / f"{lang}.jsonl"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+class OodCorpus(CorpusBuild):
+    """The Debian reference build: paragraph documents per language."""
 
 
 class _ParagraphParser(HTMLParser):
