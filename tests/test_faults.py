@@ -496,6 +496,24 @@ def in_mount_namespace(script: str, env: dict | None = None) -> subprocess.Compl
                           capture_output=True, text=True, timeout=600)
 
 
+def full_disk_then_rerun(run_dir: Path, cli: str, size_kib: int, out: Path, after: str = "") -> None:
+    """In a private mount namespace: ``run_dir`` (its content kept) on a tmpfs of ``size_kib`` KiB, ``cli`` once
+    (stderr to ``out``/full.err, a failing status to full.status, the files it left to full.files), the tmpfs grown
+    to 64 MiB, ``cli`` again (rerun.err, rerun.status), then the bash lines ``after``."""
+    saved = out / "saved"
+    proc = in_mount_namespace(f"""
+        cp -a {run_dir} {saved}
+        mount -t tmpfs -o size={size_kib}k tmpfs {run_dir}
+        cp -a {saved}/. {run_dir}/
+        {cli} 2> {out}/full.err || echo $? > {out}/full.status
+        (cd {run_dir} && find . | sort) > {out}/full.files
+        mount -o remount,size=64m {run_dir}
+        {cli} 2> {out}/rerun.err; echo $? > {out}/rerun.status
+        {after}
+        """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @requires_mounts
 def test_a_read_only_stage_directory_is_one_clear_error(run_config, tmp_path):
     assert main(["run", str(run_config), "--until", "analyze"]) == 0
@@ -520,17 +538,7 @@ def test_a_full_disk_while_saving_a_model_is_one_clear_error_and_the_rerun_recov
     size_kib = tmpfs_kib(run_dir) + 48  # room for the run's bookkeeping, not for the expanded model (> 64 KiB)
     out = tmp_path / "out"
     out.mkdir()
-    cli = f"{sys.executable} -m pipeline.cli run {run_config} --until upcycle"
-    proc = in_mount_namespace(f"""
-        cp -a {run_dir} {tmp_path}/saved
-        mount -t tmpfs -o size={size_kib}k tmpfs {run_dir}
-        cp -a {tmp_path}/saved/. {run_dir}/
-        {cli} 2> {out}/full.err || echo $? > {out}/full.status
-        (cd {run_dir} && find . | sort) > {out}/full.files
-        mount -o remount,size=64m {run_dir}
-        {cli} 2> {out}/rerun.err; echo $? > {out}/rerun.status
-        """)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    full_disk_then_rerun(run_dir, f"{sys.executable} -m pipeline.cli run {run_config} --until upcycle", size_kib, out)
     assert (out / "full.status").read_text().strip() == "2"
     line = one_error_line((out / "full.err").read_text())
     assert f"cannot write {run_dir}/g1/.upcycle." in line and "No space left on device" in line  # its temporary
@@ -554,18 +562,8 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error_and_the_rerun_
     size_kib = tmpfs_kib(run_dir) + checkpoint_kib // 2 + 64  # the first checkpoint does not fit
     out = tmp_path / "out"
     out.mkdir()
-    cli = f"{sys.executable} -m pipeline.cli train {config} --stage 1"
-    proc = in_mount_namespace(f"""
-        cp -a {run_dir} {tmp_path}/saved
-        mount -t tmpfs -o size={size_kib}k tmpfs {run_dir}
-        cp -a {tmp_path}/saved/. {run_dir}/
-        {cli} 2> {out}/full.err || echo $? > {out}/full.status
-        (cd {run_dir} && find . | sort) > {out}/full.files
-        mount -o remount,size=64m {run_dir}
-        {cli} 2> {out}/rerun.err; echo $? > {out}/rerun.status
-        cp {run_dir}/g1/train_stage1/model/model.safetensors {out}/
-        """)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    full_disk_then_rerun(run_dir, f"{sys.executable} -m pipeline.cli train {config} --stage 1", size_kib, out,
+                         after=f"cp {run_dir}/g1/train_stage1/model/model.safetensors {out}/")
     assert (out / "full.status").read_text().strip() == "2"
     line = one_error_line((out / "full.err").read_text())
     assert f"cannot write {run_dir}/g1/train_stage1.checkpoints/step2" in line and "MiB free there" in line
