@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     log.quiet_libraries()
-    log.start_heartbeat()
-    with contextlib.ExitStack() as args.exit_stack:  # what a command opens for its whole run (the run's log file)
+    with log.heartbeat(), contextlib.ExitStack() as args.exit_stack:  # exit_stack: what a command opens for its
+        # whole run (the run's log file)
         try:
             with stop_signals_raise():
                 args.func(args)

@@ -17,7 +17,6 @@ INTERACTIVE_ENV = "LAYERMOE_INTERACTIVE"  # "1"/"0": whether the user's stderr i
 HEARTBEAT_SECONDS = 30.0
 
 _last_line = {"time": time.monotonic(), "message": ""}
-_heartbeat_started = threading.Event()
 
 
 def _rank() -> int:
@@ -102,16 +101,18 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def start_heartbeat(every: float = HEARTBEAT_SECONDS) -> None:
-    """From now on, whenever this process printed no status line for ``every`` seconds, print one saying what
-    it is still busy with (model loading, DeepSpeed set-up, a first step, ...). Rank 0 only; idempotent."""
-    if _rank() != 0 or _heartbeat_started.is_set():
+@contextlib.contextmanager
+def heartbeat(every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+    """While inside, whenever this process printed no status line for ``every`` seconds, print one saying what
+    it is still busy with (model loading, DeepSpeed set-up, a first step, ...). Rank 0 only; the thread stops
+    when the block ends (also in a process that runs several commands, as the tests do)."""
+    if _rank() != 0:
+        yield
         return
-    _heartbeat_started.set()
+    done = threading.Event()
 
     def beat() -> None:
-        while True:
-            time.sleep(min(every / 6, 5.0))
+        while not done.wait(min(every / 6, 5.0)):
             silent = time.monotonic() - _last_line["time"]
             if silent >= every:
                 busy = _last_line["message"].split("\n")[0]
@@ -119,7 +120,13 @@ def start_heartbeat(every: float = HEARTBEAT_SECONDS) -> None:
                 _emit(f"... still working ({duration(silent)} since: {busy})")
                 _last_line["message"] = busy  # keep naming the activity, not the heartbeat
 
-    threading.Thread(target=beat, name="layermoe-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="layermoe-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def prepare(directory: Path, device: str, ranks: int, hidden: int, layers: int, 
             "train": {"ds_config": ds_config, "ep_size": ranks, "stats_every": 1,
                       "stage1": {**stage, "steps": 5 if device == "cuda" else 2},
                       "stage2": {**stage, "steps": 2, "replay_tokens_per_language": 5000}},
-            "evaluate": {"tokens_per_language": 4096, "block_length": 128, "translation_sentences": 0}}
+            "evaluate": {"tokens_per_language": 4096, "block_length": 128, "translation_sentences": 0,
+                         "include_stage1_models": False}}
     config = directory / "config.json"
     config.write_text(json.dumps(body, indent=1))
     return config

@@ -200,6 +200,36 @@ def test_nan_stops_with_the_last_good_checkpoint_which_resume_from_continues_wit
     assert manifest["summary"]["resumed_from"] == str(good) and manifest["config"]["stage"]["lr"] == 0.001
 
 
+def test_a_non_finite_gradient_norm_with_a_finite_loss_stops_the_run_at_that_step(finished_run, train_setup, tmp_path):
+    """A gradient that overflows while the loss stays finite (planted in a real run: from step 3 on, backward
+    scales the loss's gradient by inf) stops the run at that step, names a checkpoint before it, exports nothing."""
+    run_dir, config = copy_run(finished_run, train_setup, tmp_path, checkpoint_every=1, stage1=dict(steps=6))
+    planted = f"""
+import sys
+from pipeline import cli, train
+step_of, loss_of = train.train_step, train._micro_batch_loss
+current = []
+def train_step(run, trainer, step, routing):
+    current.append(step)
+    return step_of(run, trainer, step, routing)
+def micro_batch_loss(*args):
+    parts, records = loss_of(*args)
+    if current[-1] >= 2:
+        parts.total.register_hook(lambda grad: grad * float("inf"))
+    return parts, records
+train.train_step, train._micro_batch_loss = train_step, micro_batch_loss
+sys.exit(cli.main(["train", {str(config)!r}, "--stage", "1"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", planted], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    # (the loss is checked first: a finite loss at step 3, a non-finite gradient)
+    assert re.search(r"non-finite gradient norm (nan|inf) at step 3; stopping, nothing exported\. The last good "
+                     r"checkpoint is \S+step1 \(step 1\)", line), line
+    assert exported_steps(run_dir, "train_stage1") == 4  # the earlier result is untouched
+
+
 def test_a_corrupt_checkpoint_fingerprint_is_one_clear_error_and_nothing_moves(finished_run, train_setup, tmp_path):
     run_dir, config = copy_run(finished_run, train_setup, tmp_path)
     fingerprint = run_dir / "g1" / "train_stage1.checkpoints" / "fingerprint.json"

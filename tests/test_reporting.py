@@ -92,13 +92,16 @@ def test_heartbeat_speaks_during_a_silent_phase(tmp_path):
     proc = run_python("""
         import time
         from pipeline import log
-        log.start_heartbeat(every=1.0)
-        log.info("loading a big model")
-        time.sleep(2.6)
+        with log.heartbeat(every=1.0):
+            log.info("loading a big model")
+            time.sleep(2.6)
+        log.info("loaded")
+        time.sleep(1.6)
     """)
     assert proc.returncode == 0, proc.stderr
     beats = [line for line in proc.stderr.splitlines() if "still working" in line]
     assert beats and all("since: loading a big model" in line for line in beats)
+    assert "still working" not in proc.stderr.split("loaded")[1]  # the heartbeat ends with its block
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
         stage1=dict(steps=3, tokens_per_language=2400), stage2=dict(steps=3, tokens_per_language=1200,
                                                                     replay_tokens_per_language=1200),
         sections={
+            "cache_dir": str(tmp_path / "cache"),  # token stores of its own: other tests tokenize hu with this tokenizer
             "rounds": [{"name": "g1", "languages": ["el"]},
                        {"name": "g2", "languages": ["hu"],
                         "allocate": {"method": "reference", "delta": 4, "classifier_count": 1}}],
