@@ -59,10 +59,10 @@ check() {
 passed() { grep -Eo '[0-9]+ passed' "$DIR/logs/$1.log" | tail -n 1; }
 
 if [[ $MODE == gpu ]]; then
-    check kernel_tests "passed kernel_tests" -- "$PY" -m pytest -q -p no:cacheprovider -m triton_interpreter \
+    check kernel_tests "passed kernel_tests" -- "$PY" -m pytest -q -n 0 -p no:cacheprovider -m triton_interpreter \
         tests/test_router_kernel.py
 else
-    check kernel_tests "passed kernel_tests" -- env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider \
+    check kernel_tests "passed kernel_tests" -- env TRITON_INTERPRET=1 "$PY" -m pytest -q -n 0 -p no:cacheprovider \
         -m triton_interpreter tests/test_router_kernel.py -k "ties or (kernel_matches and 5-2 and float32)"
 fi
 

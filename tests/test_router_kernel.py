@@ -47,7 +47,7 @@ def test_kernel_tests_pass_under_the_interpreter():
     if router_kernel.triton is None:
         pytest.skip("triton is not installed (it comes with the test extra: pip install -e '.[test]')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-rs", "-p", "no:cacheprovider", "-m",
                            "triton_interpreter", __file__], cwd=Path(__file__).parent.parent, env=env,
                           capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr

@@ -79,22 +79,6 @@ def expansion_config(tmp_path, tokenizer_dir) -> Path:
 
 
 @requires_slurm
-def test_sbatch_expand_runs_every_stage(expansion_config, tmp_path):
-    job, status, job_log = submit(tmp_path, expansion_config)
-    assert status == 0, job_log[-4000:]
-    assert job_state(job) == "COMPLETED"
-    g1 = tmp_path / "run" / "g1"
-    assert json.loads((g1 / "train_stage2" / "model" / "config.json").read_text())["experts_per_layer"] == [3, 2]
-    assert (g1 / "evaluate" / "report.json").is_file()
-    logs = tmp_path / "run" / "logs" / f"slurm-{job}"
-    assert "world 2" in (logs / "g1.train_stage1.log").read_text()  # trained in 2 processes
-    assert "rank 0 of 2" in (logs / "g1.tokenize.log").read_text()  # tokenized in 2 processes
-    assert "expansion complete" in job_log
-    for stage in ("tokenize", "analyze", "allocate", "upcycle", "train_stage1", "train_stage2", "evaluate", "export"):
-        assert f"g1/{stage}: done" in job_log
-
-
-@requires_slurm
 def test_sbatch_expand_needs_gpus_for_bf16_and_writes_nothing(expansion_config, tmp_path):
     job, status, job_log = submit(tmp_path, expansion_config, "train.ds_config=ds_configs/zero1_bf16.json")
     assert status == 2 and job_state(job) == "FAILED"
@@ -118,18 +102,20 @@ def job_field(job: int, name: str) -> str:
 
 
 @requires_slurm
-def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_the_requeued_job_resumes(expansion_config, tmp_path):
-    """What `#SBATCH --signal=B:USR1@300` does near the time limit, sent at once with `scancel --signal=USR1 --batch`:
-    the trap forwards it through srun and the DeepSpeed launcher to the rank, which saves a checkpoint and exits 75;
-    the script requeues the job, whose second run skips the finished stages and resumes training."""
-    env = {**job_env(), "LAYERMOE_PROCS_PER_NODE": "1"}
+def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_a_job_that_resumes(expansion_config,
+                                                                                                     tmp_path):
+    """A whole round through `sbatch slurm/expand.sh` in 2 processes, stopped in training by what
+    `#SBATCH --signal=B:USR1@300` does near the time limit (sent at once with `scancel --signal=USR1 --batch`): the
+    trap forwards it through srun and the DeepSpeed launcher to the ranks, which save a checkpoint and exit 75; the
+    script requeues the job, whose second run skips the finished stages, resumes training and runs every stage."""
     proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/expand.sh",
-                           str(expansion_config), "train.stage1.steps=2000", "train.stats_every=1000"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+                           str(expansion_config), "train.stage1.steps=1000", "train.stats_every=1000"],
+                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60, check=True)
     job = int(proc.stdout.split(";")[0])
-    train_log = tmp_path / "run" / "logs" / f"slurm-{job}" / "g1.train_stage1.log"
+    logs = tmp_path / "run" / "logs" / f"slurm-{job}"
+    train_log = logs / "g1.train_stage1.log"
     try:
-        wait_for(lambda: train_log.is_file() and "stage 1 step 3/2000" in train_log.read_text(), 300,
+        wait_for(lambda: train_log.is_file() and "stage 1 step 3/1000" in train_log.read_text(), 300,
                  "training to start", poll=0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
         wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
@@ -141,11 +127,19 @@ def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_the_requeued
         subprocess.run(["scancel", str(job)], capture_output=True)
     job_log, log = (tmp_path / f"job-{job}.out").read_text(), train_log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", job_log[-4000:] + log[-4000:]
-    stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 2000", log)
-    assert stopped and int(stopped.group(1)) < 2000, log[-4000:]  # stopped in the middle of training
+    stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 1000", log)
+    assert stopped and int(stopped.group(1)) < 1000, log[-4000:]  # stopped in the middle of training
     assert "resumed from" in log and f"at step {stopped.group(1)}" in log
     assert "received SIGUSR1" in job_log and "g1/train_stage1: stopped (exit status 75)" in job_log
     assert f"requeueing job {job}" in job_log and f"job {job} (restart 1)" in job_log
     restarted = job_log.split(f"job {job} (restart 1)")[1]
-    assert "g1/upcycle: up to date, skipped" in restarted and "g1/evaluate: done" in restarted
-    assert (tmp_path / "run" / "g1" / "train_stage2" / "model" / "model.safetensors").is_file()
+    for stage in ("tokenize", "analyze", "allocate", "upcycle"):
+        assert f"g1/{stage}: up to date, skipped" in restarted, stage
+    for stage in ("train_stage1", "train_stage2", "evaluate", "export"):
+        assert f"g1/{stage}: done" in restarted, stage
+    assert "expansion complete" in restarted
+    g1 = tmp_path / "run" / "g1"
+    assert json.loads((g1 / "train_stage2" / "model" / "config.json").read_text())["experts_per_layer"] == [3, 2]
+    assert (g1 / "evaluate" / "report.json").is_file()
+    assert "world 2" in log  # trained in 2 processes
+    assert "rank 0 of 2" in (logs / "g1.tokenize.log").read_text()  # tokenized in 2 processes
