@@ -161,7 +161,7 @@ def training_start(args: argparse.Namespace) -> None:
     checkpoints = Path(args.work) / f"checkpoints-{args.tokens}"
     run = TrainingRun(config, 0, 1, stage_dir(config, 0, "upcycle") / "model", checkpoints, Layout(1, 1))
     start = time.perf_counter()
-    trainer = build_engine(run, ResumePoint(checkpoints, run.layout))
+    trainer = build_engine(run, ResumePoint(None, True, run.layout))  # a fresh start
     engine_s = time.perf_counter() - start
     outcome = train_step(run, trainer, 0, RoutingStats())
     first_step_s = time.perf_counter() - start
