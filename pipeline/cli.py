@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import log
 from pipeline.allocate import allocate_from_similarity_file
-from pipeline.atomic import cannot_write
+from pipeline.atomic import cannot_write, read_json_object
 from pipeline.baselines import DEFAULT_METHODS, METHODS, run_baselines
 from pipeline.capacity import (DEFAULT_MFU, DEFAULT_PEAK_TFLOPS, Hardware, format_capacity, model_config_path,
                                parse_bytes, plan_config)
@@ -151,13 +151,12 @@ def _plan(args: argparse.Namespace) -> None:
     layers = model_config["num_hidden_layers"]
     if args.allocation:
         path = Path(args.allocation)
-        if not path.is_file():
-            raise LayerMoEError(f"allocation file {str(path)!r} does not exist")
-        try:
-            doc = json.loads(path.read_text())
-            experts, classifiers = doc["experts_per_layer"], doc.get("classifier_layers", [])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LayerMoEError(f"{path}: not a valid allocation.json ({e})") from None
+        doc = read_json_object(path, "allocation file", required=("experts_per_layer",))
+        experts, classifiers = doc["experts_per_layer"], doc.get("classifier_layers", [])
+        if not (isinstance(experts, list) and experts and all(type(n) is int and n >= 1 for n in experts)
+                and isinstance(classifiers, list) and all(type(i) is int for i in classifiers)):
+            raise LayerMoEError(f"{path}: experts_per_layer must be a non-empty list of counts >= 1 and "
+                                f"classifier_layers a list of layer indices")
     elif args.experts:
         experts, classifiers = [args.experts] * layers, []
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from pipeline.plan import plan
 
 QWEN15_18B = dict(model_type="qwen2", hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
@@ -52,3 +54,20 @@ def test_plan_command_reads_a_config_without_weights(tmp_path, capsys):
     assert "total:" in out and "activated per token:" in out and "64.5 MiB in bfloat16" in out
     assert main(["plan", "--model", str(tmp_path / "config.json"), "--experts", "6"]) == 0
     assert "5,895,112,704" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [("[6, 6]", "is not a JSON object (it holds a list)"),
+                                              ('{"classifier_layers": []}', "lacks 'experts_per_layer'"),
+                                              ('{"experts_per_layer": [6, "x"]}', "must be a non-empty list"),
+                                              ("{not json", "is not valid JSON")])
+def test_plan_with_a_bad_allocation_file_is_one_clear_error(tmp_path, capsys, content, message):
+    import json
+
+    from pipeline.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN15_18B))
+    allocation = tmp_path / "allocation.json"
+    allocation.write_text(content)
+    assert main(["plan", "--model", str(tmp_path), "--allocation", str(allocation)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(allocation) in err and "Traceback" not in err
