@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     log.quiet_libraries()
-    with log.heartbeat(), contextlib.ExitStack() as args.exit_stack:  # exit_stack: what a command opens for its
-        # whole run (the run's log file)
+    # args.exit_stack: what a command opens for its whole run (the run's log file)
+    with log.heartbeat(), contextlib.ExitStack() as args.exit_stack:
         try:
             with stop_signals_raise():
                 args.func(args)

@@ -140,6 +140,7 @@ def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_
     assert "expansion complete" in restarted
     g1 = tmp_path / "run" / "g1"
     assert json.loads((g1 / "train_stage2" / "model" / "config.json").read_text())["experts_per_layer"] == [3, 2]
+    assert (g1 / "train_stage2" / "model" / "model.safetensors").is_file()
     assert (g1 / "evaluate" / "report.json").is_file()
     assert "world 2" in log  # trained in 2 processes
     assert "rank 0 of 2" in (logs / "g1.tokenize.log").read_text()  # tokenized in 2 processes
