@@ -131,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as checkpoints:
         run = train.TrainingRun(config, round_index, args.stage, model_in, Path(checkpoints), train.Layout(
             config.train.ep_size, 1))
-        resume = ResumePoint(Path(checkpoints), run.layout)
+        resume = ResumePoint(None, True, run.layout)
         load_model, build_data, initialize = train._load_model, train.stage_data, train.deepspeed.initialize
 
         def metered(name, fn):

@@ -8,18 +8,31 @@ in every layer (said in the output). Per training stage of every round, for the 
 
 * weights: frozen and trainable, in the training precision; with expert parallelism only the rank's experts
   (``pipeline.expert_parallel.place_experts``);
-* gradients and optimizer states as DeepSpeed keeps them: ZeRO-0 (fp32, the client AdamW: gradients and two
-  moments), ZeRO-1/2 (``DeepSpeedZeroOptimizer``: an fp32 master copy and two fp32 moments of this rank's
-  partition, gradients in full (ZeRO-1) or as this rank's partition (ZeRO-2)), bf16 with ZeRO-1 (DeepSpeed's
-  ``BF16_Optimizer``: also a full fp32 gradient accumulator). Partitions are over the data-parallel group, and
-  for the experts over the expert-data-parallel group (world / ep_size ranks);
+* optimizer states as DeepSpeed keeps them: ZeRO-0 (the client AdamW on the parameters: two fp32 moments, and
+  an fp32 master copy in bf16), ZeRO-1/2 (``DeepSpeedZeroOptimizer``, also for bf16 unless the DeepSpeed config
+  sets ``data_types.grad_accum_dtype: fp32``: an fp32 master copy and two fp32 moments of this rank's partition),
+  bf16 ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``). Partitions are over the data-parallel group,
+  and for the experts over the expert-data-parallel group (world / ep_size ranks);
+* gradients as they stand at the optimizer step: ZeRO-0 and ZeRO-1 the full gradients, ZeRO-1 and ZeRO-2 the
+  flattened partition and its fp32 copy (none in fp32), ``BF16_Optimizer`` its full fp32 accumulator;
+* the optimizer step's temporaries: torch's AdamW (the client optimizer) makes two partition-sized fp32
+  temporaries per parameter group on CPU (one tensor at a time) and one on a GPU (its foreach path);
 * activations, from the shapes of the decoder layer's saved tensors (norms, attention with SDPA, router,
   dispatch, each routed slot's expert MLP; ``tests/test_capacity.py`` checks the formula against the tensors
   autograd saves): every layer from the lowest trainable one up, or with activation checkpointing only each
-  layer's input plus one layer recomputed; one layer's worth more for the backward's gradients; the LM head's
-  fp32 logits, their log-softmax and gradients for the micro-batch, or for one chunk;
-* communication buffers: ZeRO's gradient reduce bucket(s) (``reduce_bucket_size``, two with ``overlap_comm``);
-* on a GPU a fixed allowance for the CUDA context and NCCL (``GPU_FRAMEWORK_BYTES``, an assumption).
+  layer's input plus one layer recomputed; the LM head's fp32 logits, their log-softmax and gradients for the
+  micro-batch, or for one chunk (the backward frees each layer's saved tensors as it makes that layer's
+  gradients: measured, the peak stays below the saved tensors plus one layer's gradients);
+* communication buffers: ZeRO-2's contiguous gradient bucket (``reduce_bucket_size``, two with
+  ``overlap_comm``), which lives for the whole run;
+* a framework allowance: on a GPU for the CUDA context and NCCL (``GPU_FRAMEWORK_BYTES``, an assumption), on CPU
+  what a training process grows by besides the model (``CPU_FRAMEWORK_BYTES``, measured).
+
+Activations are freed before the optimizer step and gradients are built while they are freed, so the peak is
+the memory held for the whole run (weights, optimizer states, buffers, allowance) plus the larger of the
+forward/backward working set (activations) and the optimizer step's (gradients and the step's temporaries).
+``tests/test_capacity_validation.py`` compares the total with the peak resident memory of real CPU training
+runs (1 process and 2 ranks with ep_size 2, fp32 and bf16).
 
 Compute ("6N" for trained, "4N" for frozen parameters gradients pass through, "2N" below them): FLOPs per token
 = 2 x (activated matmul parameters, the LM head included) + attention (4 x block length x attention width per
@@ -30,8 +43,8 @@ probability new / E_i); activation checkpointing and the chunked loss add a forw
 Step time = FLOPs per step / (GPUs x peak x MFU).
 
 On CPU (``Hardware.kind == "cpu"``) the same model predicts the growth of a process's resident memory from
-before the model is loaded to its peak: no framework allowance, and a preallocated buffer counts only as far
-as it is written (pages never touched are not resident).
+before the model is loaded to its peak: a preallocated buffer counts only as far as it is written (pages never
+touched are not resident).
 """
 
 from __future__ import annotations
@@ -52,6 +65,9 @@ from pipeline.plan import ParameterPlan, plan
 from pipeline.run_dir import stage_dir
 
 GPU_FRAMEWORK_BYTES = int(1.5 * 2**30)  # CUDA context, cuBLAS workspace, NCCL buffers: an allowance, not measured
+# What a CPU training process grows by besides the model (DeepSpeed's modules and structures imported and built at
+# initialisation, kernel workspaces): 77-79 MiB for a 2-layer, 32-wide model, whose own tensors are under 1 MiB
+CPU_FRAMEWORK_BYTES = 78 * 2**20
 DEFAULT_MFU = 0.35
 DEFAULT_PEAK_TFLOPS = 312.0  # A100 bf16 dense; H100 SXM: 989
 DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
@@ -127,6 +143,7 @@ class TrainingSetup:
     training_stage: TrainingStage
     zero_stage: int
     precision: str  # bf16 | fp16 | fp32
+    fp32_gradient_accumulation: bool  # bf16 with data_types.grad_accum_dtype fp32 (DeepSpeed's BF16_Optimizer)
     reduce_bucket_size: int
     overlap_comm: bool
     ep_size: int
@@ -152,8 +169,9 @@ class Memory:
 
     frozen_weights: int
     trainable_weights: int
-    gradients: int
+    gradients: int  # at the optimizer step
     optimizer_states: int
+    step_temporaries: int  # the optimizer step's own temporaries
     activations: int  # everything below
     activations_per_layer: int  # one decoder layer's saved tensors (without checkpointing)
     dispatch: int  # MoE dispatch (gathered rows, expert outputs, all-to-all buffers), all layers
@@ -162,9 +180,16 @@ class Memory:
     framework: int
 
     @property
+    def held(self) -> int:
+        """What the whole run holds: weights, optimizer states, communication buffers, the framework allowance."""
+        return (self.frozen_weights + self.trainable_weights + self.optimizer_states + self.communication
+                + self.framework)
+
+    @property
     def total(self) -> int:
-        return (self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer_states
-                + self.activations + self.communication + self.framework)
+        """The peak: what the run holds plus the larger of the forward/backward working set (activations) and
+        the optimizer step's (gradients and the step's temporaries)."""
+        return self.held + max(self.activations, self.gradients + self.step_temporaries)
 
 
 @dataclass(frozen=True)
@@ -211,7 +236,9 @@ def training_setup(config: RunConfig, training_stage: TrainingStage) -> Training
     settings: StageTrainConfig = config.train.for_stage(training_stage)
     ds = deepspeed_config(config.train.ds_config, settings, config.train.gradient_clipping)
     zero = ds.get("zero_optimization", {})
+    accumulation = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower()
     return TrainingSetup(training_stage, int(zero.get("stage", 0)), precision(ds),
+                         precision(ds) == "bf16" and accumulation in ("fp32", "float32", "float"),
                          int(float(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET))),
                          bool(zero.get("overlap_comm", False)), config.train.ep_size, settings.micro_batch_size,
                          settings.block_length, settings.gradient_accumulation, settings.steps,
@@ -265,38 +292,54 @@ def _rank_parameters(shape: ModelShape, expansion: Expansion, setup: TrainingSet
     return frozen, dense_trainable, trained_experts
 
 
-def _gradients_and_optimizer(groups: list[tuple[int, int]], setup: TrainingSetup) -> tuple[int, int]:
-    """(gradient bytes, optimizer-state bytes incl. fp32 master copies) for trainable groups of (elements held,
-    data-parallel degree over which ZeRO partitions them)."""
+@dataclass(frozen=True)
+class OptimizerMemory:
+    """Bytes of the trainable groups' gradients (at the optimizer step), optimizer states (fp32 master copies
+    and Adam's moments), the step's temporaries and the communication buffers."""
+
+    gradients: int
+    states: int
+    step_temporaries: int
+    communication: int
+
+
+def optimizer_memory(groups: list[tuple[int, int]], setup: TrainingSetup, hardware: Hardware) -> OptimizerMemory:
+    """For trainable groups of (elements held, data-parallel degree over which ZeRO partitions them): what
+    DeepSpeed's optimizer for ``setup`` keeps (see the module docstring)."""
     b = setup.bytes_per_weight
-    grads = states = 0
+    fp32_copy = 0 if b == 4 else 4  # the gradient partition's fp32 copy for the step (none when already fp32)
+    grads = states = temporaries = 0
+    temporaries_per_element = 8 if hardware.kind == "cpu" else 4
     for n, degree in groups:
         part = math.ceil(n / degree)
-        if setup.zero_stage == 0:  # the client AdamW on the parameters themselves (fp32)
-            grads += 4 * n
-            states += 8 * n if setup.precision == "fp32" else 12 * n
-        elif setup.zero_stage == 1 and setup.precision == "bf16":  # BF16_Optimizer: fp32 accumulator, full size
-            grads += 4 * n
+        if setup.zero_stage == 0:  # the client AdamW on the parameters themselves
+            grads += b * n
+            states += 8 * n + (4 * n if b != 4 else 0)
+            part = n
+        elif setup.zero_stage == 1 and setup.fp32_gradient_accumulation:  # BF16_Optimizer
+            grads += b * n + 4 * n
             states += 12 * part
         elif setup.zero_stage == 1:
-            grads += b * n + 4 * part
+            grads += b * n + (b + fp32_copy) * part
             states += 12 * part
-        else:  # ZeRO-2: this rank's partition of the reduced gradients, and its fp32 copy in the step
-            grads += b * part + 4 * part
+        else:
+            grads += (b + fp32_copy) * part
             states += 12 * part
-    return grads, states
+        temporaries = max(temporaries, temporaries_per_element * part)  # the groups are stepped one at a time
+    return OptimizerMemory(grads, states, temporaries, _communication(groups, setup, hardware))
 
 
 def _communication(groups: list[tuple[int, int]], setup: TrainingSetup, hardware: Hardware) -> int:
-    """ZeRO's gradient reduce buffers (ZeRO-1 reduces in fp32, ZeRO-2 in the training precision), two with
-    overlap_comm; on CPU only what the gradients fill. ZeRO-0 on several ranks: the flattened all-reduce bucket."""
-    trainable = max((n for n, _ in groups), default=0)
+    """ZeRO-2's contiguous gradient bucket (two with overlap_comm), in the training precision; on CPU only what
+    the gradients fill. ZeRO-0 on several ranks: the flattened all-reduce bucket."""
+    trainable = sum(n for n, _ in groups)
     if setup.zero_stage == 0:
         return 4 * trainable if hardware.world_size > 1 else 0
-    element = 4 if setup.zero_stage == 1 or setup.precision == "fp32" else setup.bytes_per_weight
+    if setup.zero_stage == 1:
+        return 0
     buffers = 2 if setup.overlap_comm else 1
     filled = setup.reduce_bucket_size if hardware.kind == "gpu" else min(setup.reduce_bucket_size, trainable)
-    return buffers * filled * element
+    return buffers * filled * setup.bytes_per_weight
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, experts: int, top_k: int, bytes_per_value: int) -> tuple[int, int]:
@@ -343,7 +386,7 @@ def _activations(shape: ModelShape, expansion: Expansion, setup: TrainingSetup, 
     chunk = setup.loss_chunk_tokens
     head = lm_head_bytes(shape, min(chunk, tokens) if chunk else tokens, b)
     final_norm = tokens * (8 * shape.hidden + 4)
-    return layers + largest + head + final_norm, largest, dispatch, head  # + largest: the backward's gradients
+    return layers + head + final_norm, largest, dispatch, head
 
 
 def memory_estimate(shape: ModelShape, expansion: Expansion, setup: TrainingSetup, hardware: Hardware,
@@ -361,10 +404,11 @@ def memory_estimate(shape: ModelShape, expansion: Expansion, setup: TrainingSetu
         else:
             groups = [(dense + experts, world)]
         groups = [(n, d) for n, d in groups if n]
-        grads, states = _gradients_and_optimizer(groups, setup)
+        optimizer = optimizer_memory(groups, setup, hardware)
         b = setup.bytes_per_weight
-        memory = Memory(frozen * b, (dense + experts) * b, grads, states, activations, per_layer, dispatch, head,
-                        _communication(groups, setup, hardware), GPU_FRAMEWORK_BYTES if hardware.kind == "gpu" else 0)
+        memory = Memory(frozen * b, (dense + experts) * b, optimizer.gradients, optimizer.states,
+                        optimizer.step_temporaries, activations, per_layer, dispatch, head, optimizer.communication,
+                        GPU_FRAMEWORK_BYTES if hardware.kind == "gpu" else CPU_FRAMEWORK_BYTES)
         if best is None or memory.total > best.total:
             best = memory
     return best
@@ -501,15 +545,18 @@ def format_capacity(config: RunConfig, model_name: str, estimates: list[StageEst
                  f"{e.setup.block_length} (x {e.setup.gradient_accumulation})"),
                 ("frozen weights", lambda e: human_bytes(e.memory.frozen_weights)),
                 ("trainable weights", lambda e: human_bytes(e.memory.trainable_weights)),
-                ("gradients", lambda e: human_bytes(e.memory.gradients)),
                 ("optimizer states (fp32 master + Adam)", lambda e: human_bytes(e.memory.optimizer_states)),
-                ("activations", lambda e: human_bytes(e.memory.activations)),
+                ("communication buffers", lambda e: human_bytes(e.memory.communication)),
+                ("CUDA context, NCCL (allowance)" if hardware.kind == "gpu" else "framework (measured allowance)",
+                 lambda e: human_bytes(e.memory.framework)),
+                ("held for the whole run", lambda e: human_bytes(e.memory.held)),
+                ("forward/backward: activations", lambda e: human_bytes(e.memory.activations)),
                 ("  one layer, no checkpointing", lambda e: human_bytes(e.memory.activations_per_layer)),
                 ("  MoE dispatch", lambda e: human_bytes(e.memory.dispatch)),
                 ("  LM head (logits, log-softmax, grads)", lambda e: human_bytes(e.memory.lm_head)),
-                ("communication buffers", lambda e: human_bytes(e.memory.communication)),
-                ("CUDA context, NCCL (allowance)", lambda e: human_bytes(e.memory.framework)),
-                ("total per GPU", lambda e: human_bytes(e.memory.total)),
+                ("optimizer step: gradients", lambda e: human_bytes(e.memory.gradients)),
+                ("  + the step's temporaries", lambda e: human_bytes(e.memory.step_temporaries)),
+                ("peak: held + the larger working set", lambda e: human_bytes(e.memory.total)),
                 ("device memory", lambda e: human_bytes(e.device_memory)),
                 ("fits", lambda e: "yes" if e.fits else "NO"),
                 ("tokens per step", lambda e: f"{e.compute.tokens_per_step:,}"),
@@ -518,7 +565,7 @@ def format_capacity(config: RunConfig, model_name: str, estimates: list[StageEst
                 (f"step time at MFU {hardware.mfu:.2f}", lambda e: _duration(e.compute.step_seconds)),
                 ("stage time", lambda e: f"{_duration(e.compute.stage_seconds)} ({e.compute.steps:,} steps)")]
         if hardware.kind == "cpu":
-            rows = [r for r in rows if not r[0].startswith(("CUDA", "tokens", "FLOPs", "step time", "stage time"))]
+            rows = [r for r in rows if not r[0].startswith(("tokens", "FLOPs", "step time", "stage time"))]
         lines.append(f"  {'per GPU' if hardware.kind == 'gpu' else 'per process':40} {'stage 1':>26} {'stage 2':>26}")
         for label, value in rows:
             lines.append(f"  {label:40} " + " ".join(f"{value(e):>26}" for e in pair))

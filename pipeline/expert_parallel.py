@@ -45,7 +45,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .hf_modeling.configuration_layermoe import LayerMoEConfig
-from .hf_modeling.modeling_layermoe import LayerMoEBlock, LayerMoEForCausalLM, moe_blocks
+from .hf_modeling.modeling_layermoe import LayerMoEBlock, LayerMoEForCausalLM, moe_blocks, run_expert
 from .hf_modeling.router_kernel import RouteResult
 from .upcycle import is_new_expert_parameter
 
@@ -142,7 +142,7 @@ def _run_experts(rows: torch.Tensor, counts: list[int], experts: Mapping[int, nn
     outputs, start = [], 0
     for e, count in enumerate(counts):
         if count:
-            outputs.append(experts[e](rows[start:start + count]))
+            outputs.append(run_expert(experts[e], rows[start:start + count]))
             start += count
     return torch.cat(outputs) if outputs else rows  # no outputs: ``rows`` is empty (keeps the autograd graph)
 

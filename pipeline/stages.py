@@ -427,6 +427,7 @@ def _train(config: RunConfig, round_index: int, training_stage: TrainingStage, s
                 shutil.copyfile(checkpoints / name, out / name)
     return {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
             "peak_memory_gib": result.peak_memory_gib, "memory_before_model_gib": result.memory_before_model_gib,
+            "peak_memory_growth_gib": result.peak_memory_growth_gib,
             "trained_parameters": result.trained_parameters, "resumed_from": str(resume_from) if resume_from else None}
 
 

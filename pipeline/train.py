@@ -176,6 +176,7 @@ class StageResult:
     peak_memory_gib: float
     trained_parameters: dict[str, int]  # by role
     memory_before_model_gib: float  # in use when the stage started to load its model (the peak's baseline)
+    peak_memory_growth_gib: float  # the largest peak above that baseline on any rank (what ``layermoe plan`` predicts)
 
 
 def train_stage(config: RunConfig, round_index: int, training_stage: TrainingStage, model_in: Path,
@@ -214,12 +215,14 @@ def train_stage(config: RunConfig, round_index: int, training_stage: TrainingSta
                 raise StopRequested(f"{run.name}: stopped by {stop.describe()} after step {step + 1} of "
                                     f"{run.settings.steps}; checkpoint step{step + 1} saved")
     save_final_checkpoint_and_export(run, trainer, export_dir)
-    peak = peak_memory_gib(trainer.device)
-    log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s, peak memory of rank {dist.rank} "
-             f"{peak:.2f} GiB ({'GPU allocated' if trainer.device.type == 'cuda' else 'process RSS'}; "
-             f"{trainer.memory_before_model_gib:.2f} GiB before the model was loaded)")
-    return StageResult(run.settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing, peak,
-                       trainer.trained_parameters, trainer.memory_before_model_gib)
+    memory = distributed.all_gather_objects((peak_memory_gib(trainer.device), trainer.memory_before_model_gib))
+    kind = "GPU allocated" if trainer.device.type == "cuda" else "process RSS"
+    log.info(f"{run.name} done: {reporter.tokens_per_second():,.0f} tok/s; peak memory ({kind}) by rank: "
+             + ", ".join(f"{r}: {peak * 1024:.0f} MiB ({(peak - before) * 1024:.0f} MiB more than before the model "
+                         f"was loaded)" for r, (peak, before) in enumerate(memory)))
+    return StageResult(run.settings.steps, losses, reporter.tokens_per_second(), reporter.last_routing,
+                       memory[dist.rank][0], trainer.trained_parameters, trainer.memory_before_model_gib,
+                       max(peak - before for peak, before in memory))
 
 
 def _layout(config: RunConfig, dist: DistInfo) -> Layout:

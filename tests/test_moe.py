@@ -15,7 +15,7 @@ from conftest import tiny_config
 from pipeline.base_model import load_causal_lm
 from pipeline.export import export_model
 from pipeline.errors import LayerMoEError
-from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock, RoutingContext, moe_blocks
+from pipeline.hf_modeling.modeling_layermoe import CPU_ROW_MULTIPLE, LayerMoEBlock, RoutingContext, moe_blocks, run_expert
 from pipeline.upcycle import ExpansionRound, grow, parameter_roles, set_trainable, upcycle
 
 
@@ -141,6 +141,27 @@ def perturb_experts_of(block: LayerMoEBlock) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
         if block.classifier is not None:  # make both decisions occur
             block.classifier.weight.copy_(torch.randn(block.classifier.weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("rows", [1, 77, CPU_ROW_MULTIPLE, CPU_ROW_MULTIPLE + 3])
+def test_padded_expert_batches_give_the_unpadded_outputs_and_gradients(rows):
+    """On CPU in bf16 ``run_expert`` pads an expert's rows with zeros to a multiple of ``CPU_ROW_MULTIPLE``: the
+    outputs, the input gradients and the expert's weight gradients equal those of the plain call on random
+    inputs (bf16 rounding: a different kernel may run for the padded row count)."""
+    torch.manual_seed(rows)
+    expert = AutoModelForCausalLM.from_config(tiny_config("llama")).model.layers[0].mlp.to(torch.bfloat16)
+    results = []
+    for call in (run_expert, lambda module, x: module(x)):
+        x = torch.randn(rows, expert.gate_proj.in_features, dtype=torch.bfloat16, requires_grad=True)
+        with torch.no_grad():
+            x.copy_(torch.randn(rows, expert.gate_proj.in_features, generator=torch.Generator().manual_seed(rows)))
+        expert.zero_grad()
+        out = call(expert, x)
+        assert out.shape == (rows, expert.down_proj.out_features)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in expert.parameters()])
+    for padded, plain in zip(*results):
+        torch.testing.assert_close(padded.float(), plain.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_every_routed_expert_runs_only_on_its_tokens():

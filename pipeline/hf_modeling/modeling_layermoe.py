@@ -58,6 +58,22 @@ class RoutingContext:
         return mask[:, -seq:].to(device=device, dtype=torch.bool)
 
 
+CPU_ROW_MULTIPLE = 128  # expert batches on CPU in bf16/fp16 are padded to a multiple of this many rows
+
+
+def run_expert(expert: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """``expert(rows)``. On CPU in bf16/fp16 the rows are first padded with zeros to a multiple of
+    ``CPU_ROW_MULTIPLE`` (the output is cut back): oneDNN compiles and keeps kernels for every new row count, and
+    an expert's row count changes every step, so without padding a training process kept growing (a 6-layer model,
+    3 experts per layer: 580 -> 1690 MiB over 60 steps); with few distinct counts it stays flat. Zero rows change
+    neither the real rows' outputs nor any gradient (their outputs are dropped)."""
+    count = rows.shape[0]
+    pad = -count % CPU_ROW_MULTIPLE
+    if rows.device.type != "cpu" or rows.dtype not in (torch.bfloat16, torch.float16) or not pad:
+        return expert(rows)
+    return expert(torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])]))[:count]
+
+
 def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, routing: RouteResult) -> torch.Tensor:
     """``y[t] = sum over active slots j of weights[t, j] * experts[indices[t, j]](x[t])``, dropless.
 
@@ -73,7 +89,8 @@ def grouped_expert_forward(x: torch.Tensor, experts: nn.ModuleList, routing: Rou
     spans = enumerate(zip(offsets, offsets[1:]))
     # while training, an expert with no tokens still runs (on an empty slice) so that its parameters get a
     # (zero) gradient on every rank: data-parallel gradient reduction needs the same tensors everywhere
-    outputs = [experts[e](gathered[start:end]) for e, (start, end) in spans if end > start or torch.is_grad_enabled()]
+    outputs = [run_expert(experts[e], gathered[start:end]) for e, (start, end) in spans
+               if end > start or torch.is_grad_enabled()]
     if not outputs:
         return torch.zeros_like(x)
     weighted = torch.cat(outputs) * routing.weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
