@@ -13,8 +13,9 @@ in every layer (said in the output). Per training stage of every round, for the 
   sets ``data_types.grad_accum_dtype: fp32``: an fp32 master copy and two fp32 moments of this rank's partition),
   bf16 ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``). Partitions are over the data-parallel group,
   and for the experts over the expert-data-parallel group (world / ep_size ranks);
-* gradients as they stand at the optimizer step: ZeRO-0 and ZeRO-1 the full gradients, ZeRO-1 and ZeRO-2 the
-  flattened partition and its fp32 copy (none in fp32), ``BF16_Optimizer`` its full fp32 accumulator;
+* gradients as they stand at the optimizer step: the parameters' full gradients (ZeRO-0, ZeRO-1), this rank's
+  flattened partition and its fp32 copy (ZeRO-1, ZeRO-2; no copy in fp32), ``BF16_Optimizer``'s full fp32
+  accumulator;
 * the optimizer step's temporaries: torch's AdamW (the client optimizer) makes two partition-sized fp32
   temporaries per parameter group on CPU (one tensor at a time) and one on a GPU (its foreach path);
 * activations, from the shapes of the decoder layer's saved tensors (norms, attention with SDPA, router,
