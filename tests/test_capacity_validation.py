@@ -1,9 +1,9 @@
 """The capacity planner's totals against real training runs on CPU: the largest peak resident memory a training
 stage grows by on any rank, from just before it loads its model (``peak_memory_growth_gib`` in the stage's
 manifest), against what ``layermoe plan --cpu`` predicts for the same config: within 15%, for 1 process and for
-2 ranks with ep_size 2, in fp32 and bf16, ZeRO-1 and ZeRO-2, at micro-batches where the optimizer step's working
-set is the larger one (2 x 256 tokens) and where the activations are (8 x 256, also with activation
-checkpointing).
+2 ranks with ep_size 2, in fp32 and bf16, ZeRO-1 and ZeRO-2, at micro-batches of 2 x 256 tokens (the optimizer
+step's working set about as large as the activations, or larger) and 8 x 256 (the activations larger; also with
+activation checkpointing).
 
 The model is a random 6-layer Llama, 512 wide, with an 8192-token vocabulary, upcycled to 3 experts per layer
 (27M trainable parameters in stage 1): large enough that the planner's terms dominate the fixed cost of a
@@ -39,8 +39,8 @@ def validation_model(tmp_path_factory, tokenizer_dir) -> Path:
     (1, "ds_configs/zero2_fp32.json", 2, False),
     (2, "ds_configs/zero1_fp32.json", 8, False),
     (2, "ds_configs/zero1_fp32.json", 8, True),
-    (1, "ds_configs/zero1_bf16.json", 2, False),
-    (2, "ds_configs/zero2_bf16.json", 8, False),
+    (1, "ds_configs/zero1_bf16.json", 8, False),
+    (2, "ds_configs/zero2_bf16.json", 2, False),
 ])
 def test_planned_peak_memory_is_within_15_percent_of_a_real_run(validation_model, tmp_path, processes, ds_config,
                                                                 micro_batch, checkpointing):
