@@ -39,6 +39,7 @@ import numpy as np
 from pipeline.config import (DataConfig, RoundConfig, RunConfig, SourceConfig, StageTrainConfig, TrainConfig,
                              default_cache_dir)
 from pipeline.corpus import LanguageSource, iter_split_documents
+from pipeline.memory import process_status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -112,21 +113,12 @@ def tokenize_with(sources: dict[str, Path], model: Path, cache_dir: Path, worker
     return time.perf_counter() - start, stores
 
 
-def memory_status(field: str) -> int:
-    """A ``/proc/self/status`` memory figure in bytes: VmRSS (now), RssFile (of it, file pages mapped in) or VmHWM
-    (peak of this program, not counting the parent it was forked from, unlike ``ru_maxrss``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def reader(args: argparse.Namespace) -> None:
     """(A child process) read the stores through stores.json, build the stage-1 mix, read micro-batches; print JSON."""
     from pipeline.store_index import StoreIndex
     from pipeline.training_data import build_stage_mix
 
-    imported = memory_status("VmRSS")
+    imported = process_status_bytes("VmRSS")
     sources = {lang: Path(args.work) / f"{lang}.jsonl" for lang in LANGUAGES}
     config = bench_config(sources, Path(args.work) / "cache-2", None, args.tokens, args.block, args.batch)
     start = time.perf_counter()
@@ -141,8 +133,8 @@ def reader(args: argparse.Namespace) -> None:
         mix.micro_batch(i * stride, 0, 1, 0, 1, args.batch)
     per_batch = (time.perf_counter() - start) / reads
     print(json.dumps({"blocks": len(mix), "first_batch_s": first, "batch_ms": per_batch * 1e3,
-                      "rss_after_imports": imported, "peak_rss": memory_status("VmHWM"),
-                      "rss_file": memory_status("RssFile")}))
+                      "rss_after_imports": imported, "peak_rss": process_status_bytes("VmHWM"),
+                      "rss_file": process_status_bytes("RssFile")}))
 
 
 def training_start(args: argparse.Namespace) -> None:
@@ -171,7 +163,7 @@ def training_start(args: argparse.Namespace) -> None:
     data_s = time.perf_counter() - start
     print(json.dumps({"blocks": len(trainer.data), "imports_s": imported, "build_engine_s": engine_s,
                       "first_step_s": first_step_s, "data_s": data_s, "loss": outcome.losses["total"],
-                      "peak_rss": memory_status("VmHWM")}))
+                      "peak_rss": process_status_bytes("VmHWM")}))
 
 
 def child(mode: str, work: Path, model: Path, tokens: int, block: int, batch: int, run_config: Path | None = None) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,15 +32,10 @@ from pipeline import train
 from pipeline.base_model import decoder_layers
 from pipeline.config import load_config
 from pipeline.log import human_bytes
+from pipeline.memory import process_status_bytes
 from pipeline.training_checkpoint import ResumePoint
 
 GiB = 2**30
-
-
-def _status(field_name: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS: now, VmHWM: peak since the last reset)."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field_name}:\s+(\d+) kB", text).group(1)) * 1024
 
 
 def _reset_peak() -> None:
@@ -60,7 +54,7 @@ class Phases:
         try:
             yield
         finally:
-            self.rows.append((name, _status("VmRSS"), _status("VmHWM")))
+            self.rows.append((name, process_status_bytes("VmRSS"), process_status_bytes("VmHWM")))
 
 
 def unique_bytes(tensors) -> int:
@@ -127,7 +121,7 @@ def main() -> None:
         "upcycle" if args.stage == 1 else "train_stage1") / "model"
     train.init_deepspeed_distributed()
     phases = Phases()
-    start_rss = _status("VmRSS")
+    start_rss = process_status_bytes("VmRSS")
     with tempfile.TemporaryDirectory() as checkpoints:
         run = train.TrainingRun(config, round_index, args.stage, model_in, Path(checkpoints), train.Layout(
             config.train.ep_size, 1))

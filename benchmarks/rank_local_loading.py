@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -27,13 +26,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.log import human_bytes
+from pipeline.memory import process_status_bytes
 from pipeline.ranks import free_port
 
 METHODS = ("load-then-shard", "rank-local")
-
-
-def _status(name: str) -> int:
-    return int(re.search(rf"{name}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _worker(rank: int, method: str, path: str, dtype: str, port: int, results) -> None:
@@ -43,7 +39,7 @@ def _worker(rank: int, method: str, path: str, dtype: str, port: int, results) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=10))
     try:
-        before = _status("VmRSS")
+        before = process_status_bytes("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         if method == "load-then-shard":
             model = load_causal_lm(Path(path), dtype, "cpu")
@@ -52,7 +48,7 @@ def _worker(rank: int, method: str, path: str, dtype: str, port: int, results) -
             model, _ = load_sharded_model(Path(path), getattr(torch, dtype), "cpu", dist.group.WORLD)
         held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         checksum = sum(float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point())
-        results[method, rank] = (before, _status("VmHWM"), _status("VmRSS"), held, checksum)
+        results[method, rank] = (before, process_status_bytes("VmHWM"), process_status_bytes("VmRSS"), held, checksum)
     finally:
         dist.destroy_process_group()
 

@@ -26,7 +26,7 @@ from pipeline.errors import LayerMoEError
 from pipeline.launch import launch_stage_command
 from pipeline.ranks import LOOPBACK
 from pipeline.run_dir import mark_run_dir
-from pipeline.stages import STAGES, get_stage
+from pipeline.stages import STAGES, finished_stages, get_stage
 from pipeline.stop_signals import launcher_ignores_stop_signals
 
 
@@ -54,7 +54,8 @@ def gpu_requirement(config: RunConfig) -> str | None:
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """Print what the Slurm script needs as KEY=VALUE lines; fail (writing nothing) when the node cannot run it."""
+    """Print what the Slurm script needs as KEY=VALUE lines (``finished``: the stages done from the start of the
+    run, which it does not launch); fail (writing nothing) when the node cannot run it."""
     config = load_config(args.config, args.overrides)
     gpus = gpus_on_node()
     reason = gpu_requirement(config)
@@ -67,6 +68,7 @@ def _preflight(args: argparse.Namespace) -> None:
     print(f"rounds={' '.join(r.name for r in config.rounds)}")
     print(f"stages={' '.join(stage.name for stage in STAGES)}")
     print(f"multi_process_stages={' '.join(stage.name for stage in STAGES if stage.splits_over_ranks)}")
+    print(f"finished={' '.join(f'{round_name}/{stage}' for round_name, stage in finished_stages(config))}")
     print(f"gpus_per_node={gpus}")
     print(f"processes_per_node={processes}")
 

@@ -72,8 +72,9 @@ def with_legacy_rope_keys(base_config: dict) -> dict:
 
 
 def portable_tokenizer_config(tokenizer_config: dict, has_tokenizer_json: bool) -> dict:
-    """tokenizer_config.json as every supported transformers version reads it with plain ``AutoTokenizer``: no
-    ``auto_map`` (the tokenizer needs no custom code), and a tokenizer class that exists in transformers 4 too
+    """tokenizer_config.json as every supported transformers version reads it with ``AutoTokenizer``: no
+    ``auto_map`` (the tokenizer needs no custom code; transformers 5 still reads config.json's and asks about the
+    model's code on a terminal unless given ``trust_remote_code=False``), and a tokenizer class that exists in transformers 4 too
     (transformers 5 writes ``TokenizersBackend``, a class 4.x does not have; ``PreTrainedTokenizerFast`` is the
     same fast tokenizer under the name both know) with special tokens in the form 4.x reads, and the inputs a
     causal LM takes (``model(**tokenizer(text))`` and ``generate(**...)`` work in every version)."""

@@ -10,11 +10,14 @@ artifact, re-runs the stage and, through its changed outputs, everything downstr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +28,7 @@ from pipeline.atomic import atomic_directory, read_json_object, write_json
 from pipeline.errors import LayerMoEError
 
 MANIFEST = "manifest.json"
+_CHECKING_ONLY = contextvars.ContextVar("checking_only", default=False)
 SAMPLED_HASH_ABOVE = 256 * 2**20  # files larger than this are identified by size, mtime and sampled content
 _SAMPLE = 4 * 2**20
 
@@ -168,6 +172,22 @@ def why_not_done(spec: StageSpec) -> str | None:
     return None
 
 
+class StageNotDone(Exception):
+    """Inside :func:`checking_only`: this stage would run."""
+
+
+@contextlib.contextmanager
+def checking_only() -> Iterator[None]:
+    """Inside, :func:`run_stage` runs nothing and writes nothing: it returns the directory of a stage that is
+    done and raises :class:`StageNotDone` for one that would run (how ``pipeline.stages.finished_stages`` asks
+    the stages themselves whether they are done)."""
+    token = _CHECKING_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING_ONLY.reset(token)
+
+
 def run_stage(spec: StageSpec, body: Callable[[Path | None], dict[str, Any] | None], force: bool = False) -> Path:
     """Run ``body`` unless the stage is done (:func:`why_not_done`); return the stage directory.
 
@@ -176,6 +196,10 @@ def run_stage(spec: StageSpec, body: Callable[[Path | None], dict[str, Any] | No
     dict ``body`` returns is stored in the manifest under ``summary``; the manifest lists every file the body
     wrote, with its hash.
     """
+    if _CHECKING_ONLY.get():
+        if force or why_not_done(spec) is not None:
+            raise StageNotDone(spec.label)
+        return spec.out_dir
     fp = spec.fingerprint
     if not force:
         reason = why_not_done(spec)

@@ -43,7 +43,7 @@ from pipeline.eval_report import EvalReport, LanguageGroups, read_report
 from pipeline.evaluate import EvalModel, evaluate_models, parameter_count
 from pipeline.export import export_model, make_tokenizer_portable
 from pipeline.hf_modeling.modeling_layermoe import LayerMoEForCausalLM
-from pipeline.manifest import StageSpec, hash_path, run_stage
+from pipeline.manifest import StageNotDone, StageSpec, checking_only, hash_path, run_stage
 from pipeline.model_card import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_ID, CardFacts, TrainedStage, model_card
 from pipeline.packing import load_tokenizer
 from pipeline.plan import format_plan, plan
@@ -528,8 +528,9 @@ class ExportSettings:
 
 def run_export(config: RunConfig, round_index: int, options: StageOptions) -> Path:
     """export: the round's final model as a directory to share: weights in ``export.dtype``, the modeling code, a
-    tokenizer that loads with plain ``AutoTokenizer``, and a model card with the round's evaluation. (A dense
-    baseline's models stay in its training stages' directories.)"""
+    tokenizer that needs no custom code (``AutoTokenizer``; on transformers 5 with ``trust_remote_code=False`` to
+    avoid a question about the model's code), and a model card with the round's evaluation. (A dense baseline's
+    models stay in its training stages' directories.)"""
     if (skipped := _skipped_for_dense(config, round_index, "export")) is not None:
         return skipped
     languages = config.languages_before(round_index + 1)
@@ -637,3 +638,19 @@ def get_stage(name: str) -> Stage:
         if stage.name == name:
             return stage
     raise LayerMoEError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+
+
+def finished_stages(config: RunConfig) -> list[tuple[str, str]]:
+    """(round, stage) of every stage that is done, in run order, up to the first that is not (each stage's own
+    check, :func:`pipeline.manifest.checking_only`: nothing runs, nothing is written). A launcher can skip these
+    instead of starting processes that would only find them up to date."""
+    finished = []
+    with checking_only():
+        for round_index, rnd in enumerate(config.rounds):
+            for stage in STAGES:
+                try:
+                    stage.run(config, round_index, StageOptions())
+                except (StageNotDone, LayerMoEError):  # would run, or cannot yet (an input is missing)
+                    return finished
+                finished.append((rnd.name, stage.name))
+    return finished

@@ -19,8 +19,9 @@
 # every node sees (with working flock: the job holds <run_dir>/.lock from start to end, so a second job on the same
 # run directory stops at once with exit status 2 and a line naming the holder). To tokenize on a CPU node first,
 # see the README (data section).
-# Resuming: resubmit the same command. Stages whose settings and inputs are unchanged are skipped by the
-# pipeline itself; an interrupted training stage continues from its last DeepSpeed checkpoint.
+# Resuming: resubmit the same command. The stages done from the start of the run (settings and inputs unchanged,
+# outputs intact: the preflight asks each stage) are not launched; an interrupted training stage continues from
+# its last DeepSpeed checkpoint.
 # Time limit and preemption: Slurm sends USR1 to this script LAYERMOE_SIGNAL_SECONDS before the end (the
 # --signal line below, default 300 s: more than a training step plus a checkpoint save takes); the trap
 # forwards it to the running stage, whose training saves a checkpoint at the next step boundary and exits with
@@ -91,6 +92,7 @@ RUN_DIR=$(get run_dir)
 ROUNDS=$(get rounds)
 STAGES=$(get stages)
 MULTI_PROCESS=" $(get multi_process_stages) "
+FINISHED=" $(get finished) "  # round/stage pairs done from the start of the run: not launched
 GPUS=$(get gpus_per_node)
 PROCS=$(get processes_per_node)
 [ "$GPUS" -gt 0 ] || export DS_ACCELERATOR=cpu
@@ -122,6 +124,10 @@ say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $CONFIG${*:+ $*} | r
 launched=0
 for round in $ROUNDS; do
   for stage in $STAGES; do
+    if [[ "$FINISHED" == *" $round/$stage "* ]]; then
+      say "$round/$stage: up to date, skipped (not launched)"
+      continue
+    fi
     log="$LOG_DIR/$round.$stage.log"
     if [[ "$MULTI_PROCESS" == *" $stage "* ]]; then
       port=$((PORT_BASE + launched % 30))

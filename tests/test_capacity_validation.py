@@ -13,6 +13,8 @@ training process (``CPU_FRAMEWORK_BYTES``), small enough for three steps to take
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from pipeline.config import load_config
 from test_train import prepare, run_cli, torchrun, write_config
 
 MiB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,21 @@ def test_planned_peak_memory_is_within_15_percent_of_a_real_run(validation_model
               f"ratio {memory.total / measured:.3f}")
     print(report)
     assert abs(memory.total - measured) <= 0.15 * measured, report
+
+
+CHILD_PEAK = "from pipeline.memory import peak_memory_gib; import torch; print(peak_memory_gib(torch.device('cpu')))"
+PARENT = f"""
+import subprocess, sys
+held = bytearray(3 * 2**29)  # 1.5 GiB, every page written
+for i in range(0, len(held), 4096):
+    held[i] = 1
+print(subprocess.run([sys.executable, "-c", {CHILD_PEAK!r}], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+def test_the_measured_peak_is_the_process_own_not_its_parents():
+    """A training stage started by a large process (a pytest worker, a notebook) reports its own peak: a child of a
+    process holding 1.5 GiB reports well under that (``ru_maxrss`` reported at least the parent's 1.5 GiB)."""
+    proc = subprocess.run([sys.executable, "-c", PARENT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 0 < float(proc.stdout.split()[-1]) < 1.0, proc.stdout

@@ -224,12 +224,15 @@ def test_discover_ranks_from_slurm_variables(monkeypatch):
     assert discover_ranks() == ranks.Ranks(0, 1, 0, "none") and "RANK" not in os.environ
 
 
-def test_preflight_refuses_bf16_without_gpus(analyze_setup, monkeypatch, capsys):
+def test_preflight_lists_finished_stages_and_refuses_bf16_without_gpus(analyze_setup, monkeypatch, capsys):
     config, _ = analyze_setup
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("LAYERMOE_PROCS_PER_NODE", "3")
     assert cluster.main(["preflight", str(config)]) == 0
     out = capsys.readouterr().out
     assert "rounds=g1\n" in out and "processes_per_node=3\n" in out and "gpus_per_node=0\n" in out
+    assert "finished=g1/tokenize g1/analyze" in out  # what slurm/expand.sh does not launch
+    assert cluster.main(["preflight", str(config), "analyze.tokens_per_language=200"]) == 0
+    assert "finished=g1/tokenize\n" in capsys.readouterr().out  # analyze would run again, and all after it
     assert cluster.main(["preflight", str(config), "train.ds_config=ds_configs/zero1_bf16.json"]) == 2
     assert "this node has no GPUs" in capsys.readouterr().err

@@ -134,7 +134,7 @@ def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_
     assert f"requeueing job {job}" in job_log and f"job {job} (restart 1)" in job_log
     restarted = job_log.split(f"job {job} (restart 1)")[1]
     for stage in ("tokenize", "analyze", "allocate", "upcycle"):
-        assert f"g1/{stage}: up to date, skipped" in restarted, stage
+        assert f"g1/{stage}: up to date, skipped (not launched)" in restarted, stage
     for stage in ("train_stage1", "train_stage2", "evaluate", "export"):
         assert f"g1/{stage}: done" in restarted, stage
     assert "expansion complete" in restarted
