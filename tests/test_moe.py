@@ -152,9 +152,8 @@ def test_padded_expert_batches_give_the_unpadded_outputs_and_gradients(rows):
     expert = AutoModelForCausalLM.from_config(tiny_config("llama")).model.layers[0].mlp.to(torch.bfloat16)
     results = []
     for call in (run_expert, lambda module, x: module(x)):
-        x = torch.randn(rows, expert.gate_proj.in_features, dtype=torch.bfloat16, requires_grad=True)
-        with torch.no_grad():
-            x.copy_(torch.randn(rows, expert.gate_proj.in_features, generator=torch.Generator().manual_seed(rows)))
+        x = torch.randn(rows, expert.gate_proj.in_features, generator=torch.Generator().manual_seed(rows))
+        x = x.to(torch.bfloat16).requires_grad_()  # the same input for both calls
         expert.zero_grad()
         out = call(expert, x)
         assert out.shape == (rows, expert.down_proj.out_features)
