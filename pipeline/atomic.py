@@ -3,16 +3,24 @@ file), checked JSON reads, and the removal of the temporaries a killed process l
 
 Temporaries are named after their target: ``.<name>.<8 random characters>.tmp`` (a file being written, or a
 directory being filled) and ``.<name>.old-<pid>`` (the replaced directory, for the moment between two renames).
+Every temporary is registered in the same uninterruptible step that creates it (a stop signal: Ctrl-C, SIGTERM,
+SIGUSR1 waits for that step and for the two renames of a directory) and stays registered until it is renamed into
+place or removed; when the process exits, after an interruption too, it removes what is still registered. What a
+killed process (SIGKILL) leaves is cleared by :func:`remove_temporaries`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,21 +33,76 @@ def _umask() -> int:
     return mask
 
 
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Within the block, SIGINT, SIGTERM and SIGUSR1 are only recorded; at its end the previous handlers are back
+    and each recorded signal is raised again, so it acts as if it had arrived just after the block. Used for the
+    short steps that must not be split (creating a temporary and taking note of its name, two renames). Ignored
+    signals stay ignored; only the main thread handles signals, elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {}
+    try:
+        for sig in _DEFERRED_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
+
+
+_LIVE: dict[Path, int] = {}  # temporaries not yet renamed into place or removed -> the pid of their creator
+
+
+@atexit.register
+def _remove_live_temporaries() -> None:
+    """At exit, remove this process's temporaries that are still registered (a signal was acted on in a window
+    the clean-up code could not cover, e.g. on the first instruction of a ``__exit__``)."""
+    for path, pid in list(_LIVE.items()):
+        if pid == os.getpid():
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Remove the temporary ``path`` (file or directory) and unregister it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    _LIVE.pop(path, None)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        with _signals_deferred():
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmp = Path(name)
+            _LIVE[tmp] = os.getpid()
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _signals_deferred():
+            os.replace(tmp, path)
+            _LIVE.pop(tmp)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with _signals_deferred():
+                _remove(tmp)
         raise
 
 
@@ -102,47 +165,81 @@ def normal_permissions(root: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666 | (mode & 0o111)) & ~mask)
 
 
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``final``; on success it replaces ``final`` as a whole, with the
-    permissions the umask gives (:func:`normal_permissions`).
+class atomic_directory:  # noqa: N801 (used like a function: ``with atomic_directory(path) as tmp``)
+    """``with atomic_directory(final) as tmp``: ``tmp`` is a fresh temporary directory beside ``final``; on success
+    it replaces ``final`` as a whole, with the permissions the umask gives (:func:`normal_permissions`).
 
-    On an exception the temporary directory is removed and ``final`` is left as it was.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        normal_permissions(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    On an exception (or a stop signal) the temporary directory is removed and ``final`` is left as it was."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        with _signals_deferred():
+            self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
+            _LIVE[self.tmp] = os.getpid()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                normal_permissions(self.tmp)
+                with _signals_deferred():
+                    if self.final.exists():
+                        os.replace(self.final, self.old)
+                    os.replace(self.tmp, self.final)
+                    _LIVE.pop(self.tmp)
+                    shutil.rmtree(self.old, ignore_errors=True)
+                return
+        except BaseException:
+            self._undo()
+            raise
+        self._undo()
+
+    def _undo(self) -> None:
+        """Remove the temporary directory; if ``final`` was moved aside and not replaced, put it back."""
+        with _signals_deferred():
+            if self.old.exists() and not self.final.exists():
+                os.replace(self.old, self.final)
+            _remove(self.tmp)
 
 
 _TEMPORARY = re.compile(r"^\..+(\.[A-Za-z0-9_]{8}\.tmp|\.old-\d+)$")
+_REPLACED = re.compile(r"^\.(.+)\.old-\d+$")
 
 
-def remove_temporaries(root: Path) -> list[Path]:
-    """Remove, under ``root``, the temporaries of this module's writes (see the module docstring) and return them.
+@dataclasses.dataclass
+class Leftovers:
+    """What :func:`remove_temporaries` found: the temporaries it removed, and the replaced directories it renamed
+    back to their names (their replacement never arrived)."""
+    removed: list[Path]
+    restored: list[Path]
+
+
+def remove_temporaries(root: Path) -> Leftovers:
+    """Remove, under ``root``, the temporaries of this module's writes (see the module docstring).
+    A replaced directory whose replacement never arrived (``.<name>.old-<pid>`` without ``<name>``: the process
+    was killed between the two renames) is renamed back to ``<name>`` instead: it is the last complete output.
 
     Only call it while no process can be writing under ``root`` (the run directory's lock is held): the
     temporaries found then belong to processes that died before they could clean up."""
-    removed = []
+    found = Leftovers(removed=[], restored=[])
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [n for n in dirnames if _TEMPORARY.match(n)]:
             dirnames.remove(name)
-            shutil.rmtree(Path(dirpath) / name)
-            removed.append(Path(dirpath) / name)
+            path = Path(dirpath) / name
+            replaced = _REPLACED.match(name)
+            if replaced and not (target := Path(dirpath) / replaced.group(1)).exists():
+                os.replace(path, target)
+                found.restored.append(target)
+                continue
+            shutil.rmtree(path)
+            found.removed.append(path)
         for name in filenames:
             if _TEMPORARY.match(name):
                 os.unlink(Path(dirpath) / name)
-                removed.append(Path(dirpath) / name)
-    return removed
+                found.removed.append(Path(dirpath) / name)
+    return found

@@ -167,6 +167,10 @@ def claimed_run_dir(config: RunConfig, start_over: bool = False) -> Iterator[Non
         yield
 
 
+def _some(paths: list[Path], root: Path) -> str:
+    return f"{', '.join(str(p.relative_to(root)) for p in paths[:5])}{' ...' if len(paths) > 5 else ''}"
+
+
 def _claim(config: RunConfig, start_over: bool, stack: contextlib.ExitStack) -> None:
     path, saved_file = config.run_path, config.run_path / "config.json"
     problem = ownership_problem(path)
@@ -179,9 +183,12 @@ def _claim(config: RunConfig, start_over: bool, stack: contextlib.ExitStack) -> 
         _start_over(path)
     elif saved_file.exists():
         _check_same_experiment(config, saved_file)
-    removed = remove_temporaries(path)
-    if removed:
-        log.info(f"removed {len(removed)} temporary file(s) left by an interrupted run: "
-                 f"{', '.join(str(p.relative_to(path)) for p in removed[:5])}{' ...' if len(removed) > 5 else ''}")
+    leftovers = remove_temporaries(path)
+    if leftovers.removed:
+        log.info(f"removed {len(leftovers.removed)} temporary file(s) left by an interrupted run: "
+                 f"{_some(leftovers.removed, path)}")
+    if leftovers.restored:
+        log.info(f"put back {len(leftovers.restored)} output(s) that a killed run had moved aside to replace them: "
+                 f"{_some(leftovers.restored, path)}")
     mark_run_dir(config)
     write_json(saved_file, to_dict(config))

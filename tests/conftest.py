@@ -23,7 +23,7 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 # xdist workers first (``--dist loadfile`` takes files in collection order), so that no long file starts last and
 # runs alone at the end.
 LONG_FILES_FIRST = ("test_slurm.py", "test_train.py", "test_faults.py", "test_gpu_check.py", "test_launchers.py",
-                    "test_capacity_validation.py")
+                    "test_capacity_validation.py", "test_atomic.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -262,20 +262,24 @@ def test_a_deleted_or_edited_stage_output_reruns_the_stage_and_says_why(run_conf
     assert json.loads((g1 / "allocate" / "allocation.json").read_text()) == allocation
 
 
-def test_temporaries_of_killed_processes_are_removed_and_nothing_else(run_config, tmp_path, capsys):
+def test_temporaries_of_killed_processes_are_removed_or_put_back_and_nothing_else(run_config, tmp_path, capsys):
     assert main(["run", str(run_config), "--until", "analyze"]) == 0
     run_dir = tmp_path / "runs" / "t"
     ours = [run_dir / "g1" / ".allocate.k2j4_x9a.tmp", run_dir / "g1" / ".analyze.old-4242",
             run_dir / "g1" / "analyze" / ".similarity.json.abcd1234.tmp"]
     theirs = [run_dir / "g1" / "notes.tmp", run_dir / ".mine.tmp", run_dir / "g1" / ".cache"]
-    for path in ours[:2] + theirs[2:]:
+    moved_aside = run_dir / "g1" / ".report.old-4243"  # killed between the two renames: no g1/report any more
+    for path in ours[:2] + theirs[2:] + [moved_aside]:
         path.mkdir()
         (path / "x").write_text("x")
     for path in ours[2:] + theirs[:2]:
         path.write_text("x")
     assert main(["run", str(run_config), "--until", "analyze"]) == 0
-    assert "removed 3 temporary file(s) left by an interrupted run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "removed 3 temporary file(s) left by an interrupted run" in err
+    assert "put back 1 output(s) that a killed run had moved aside to replace them: g1/report" in err
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+    assert (run_dir / "g1" / "report" / "x").read_text() == "x" and not moved_aside.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
