@@ -41,7 +41,8 @@ def _signals_deferred() -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM and SIGUSR1 are only recorded; at its end the previous handlers are back
     and each recorded signal is raised again, so it acts as if it had arrived just after the block. Used for the
     short steps that must not be split (creating a temporary and taking note of its name, two renames). Ignored
-    signals stay ignored; only the main thread handles signals, elsewhere this does nothing."""
+    signals stay ignored; a signal whose handler was installed outside Python is not deferred (Python could not put
+    that handler back); only the main thread handles signals, elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -49,7 +50,7 @@ def _signals_deferred() -> Iterator[None]:
     previous = {}
     try:
         for sig in _DEFERRED_SIGNALS:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):  # None: a handler installed outside Python
                 previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
         yield
     finally:
