@@ -44,10 +44,10 @@ from safetensors import safe_open
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from .hf_modeling.configuration_layermoe import LayerMoEConfig
-from .hf_modeling.modeling_layermoe import LayerMoEBlock, LayerMoEForCausalLM, moe_blocks, run_expert
-from .hf_modeling.router_kernel import RouteResult
-from .upcycle import is_new_expert_parameter
+from pipeline.hf_modeling.configuration_layermoe import LayerMoEConfig
+from pipeline.hf_modeling.modeling_layermoe import LayerMoEBlock, LayerMoEForCausalLM, moe_blocks, run_expert
+from pipeline.hf_modeling.router_kernel import RouteResult
+from pipeline.upcycle import is_new_expert_parameter
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,10 @@ def run_single_stage(config: RunConfig, stage: Stage, round_name: str | None = N
 
 
 class RunProgress:
-    """``stage k/N: <round>/<stage>`` headers with the time so far and an estimate of the time left: each
-    remaining stage is expected to take as long as it last took in this run (an earlier round), or else the
-    mean of the stages that ran so far; stages that were up to date count as taking no time."""
+    """``stage k/N: <round>/<stage>`` headers with the time so far and the time left: each stage ahead is
+    expected to take as long as it last took in this run (in an earlier round). Stages that have not run yet
+    are named rather than guessed (training takes hours where the stages before it take minutes), and the sum
+    is then a lower bound."""
 
     RAN = 1.0  # seconds: a stage that took less was (as good as) skipped
 
@@ -102,11 +103,15 @@ class RunProgress:
         """Log the header of ``stage``; ``remaining``: the names of the stages after it."""
         self.done += 1
         elapsed = log.duration(time.monotonic() - self.started)
-        if self.took:
-            mean = sum(self.took.values()) / len(self.took)
-            left = f"about {log.duration(sum(self.took.get(name, mean) for name in [stage, *remaining]))} left"
+        ahead = [stage, *remaining]
+        timed = sum(self.took[name] for name in ahead if name in self.took)
+        untimed = ", ".join(dict.fromkeys(name for name in ahead if name not in self.took))
+        if not untimed:
+            left = f"about {log.duration(timed)} left"
+        elif timed:
+            left = f"at least {log.duration(timed)} left, not yet timed: {untimed}"
         else:
-            left = "time left: estimated once a stage has run"
+            left = f"time left not known yet, not yet timed: {untimed}"
         log.info(f"stage {self.done}/{self.total}: {round_name}/{stage} (elapsed {elapsed}, {left})")
 
     def finished(self, stage: str, seconds: float) -> None:

@@ -26,6 +26,16 @@ LONG_FILES_FIRST = ("test_slurm.py", "test_train.py", "test_faults.py", "test_gp
                     "test_capacity_validation.py", "test_atomic.py")
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment for a child: without the launcher variables other tests may have left behind,
+    on loopback, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     first = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: order within a file unchanged

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import LAUNCHER_VARIABLES, clean_env, make_tiny_model, synthetic_documents, write_jsonl
 from pipeline import cluster, ranks
 from pipeline.errors import LayerMoEError
 from pipeline.launch import StageProcessesFailed, launch_stage_command, run_stage_in_processes
@@ -27,15 +27,6 @@ from test_slurm import slurm_problem
 from test_train import assert_same_weights, prepare, state, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without launcher variables, on loopback, one thread per process."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def analyze_setup(tmp_path_factory, tokenizer_dir) -> tuple[Path, dict]:
     """A tiny analyze config and its 1-process similarity.json (after the tokenize stage, also in 1 process)."""

@@ -196,3 +196,25 @@ def test_a_bfloat16_model_upcycles_within_the_default_tolerance_and_stays_bfloat
     for name, tensor in block.experts[0].state_dict().items():
         for expert in list(block.experts)[1:]:
             assert torch.equal(expert.state_dict()[name], tensor)
+
+
+def test_the_time_left_sums_the_stages_timed_in_an_earlier_round_and_names_the_others(capsys):
+    from pipeline.runner import RunProgress
+
+    stages = ["tokenize", "train_stage1", "evaluate"]
+    plan = [(r, s) for r in ("g1", "g2", "g3") for s in stages]
+    took = {("g1", "tokenize"): 60, ("g1", "train_stage1"): 3600, ("g1", "evaluate"): 0.2,  # up to date: skipped
+            ("g2", "tokenize"): 30, ("g2", "train_stage1"): 1800, ("g2", "evaluate"): 120}
+    progress, headers = RunProgress(len(plan)), []
+    for i, (round_name, stage) in enumerate(plan):
+        progress.header(round_name, stage, [s for _, s in plan[i + 1:]])
+        headers.append(capsys.readouterr().err.strip().splitlines()[-1])
+        progress.finished(stage, took.get((round_name, stage), 1))
+    assert "stage 1/9: g1/tokenize" in headers[0]
+    assert headers[0].endswith("time left not known yet, not yet timed: tokenize, train_stage1, evaluate)")
+    # stages that have not run are named, not guessed; the sum of the timed ones is then a lower bound
+    assert headers[1].endswith("at least 2m00s left, not yet timed: train_stage1, evaluate)")  # 2 x tokenize
+    assert headers[3].endswith("at least 2h02m left, not yet timed: evaluate)")  # 2 x (60 s + 3600 s)
+    # g2's evaluate ran: from there on every stage ahead has a time (the last time it ran)
+    assert headers[6].endswith("about 32m30s left)")  # g3: 30 s + 1800 s + 120 s
+    assert headers[8].endswith("about 2m00s left)") and "stage 9/9: g3/evaluate" in headers[8]

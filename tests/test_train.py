@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_documents, write_jsonl
+from conftest import clean_env, synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
 from pipeline.config import StageTrainConfig, TrainConfig, installed
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
@@ -372,12 +372,6 @@ def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(json.dumps(body))
     return path
-
-
-def clean_env() -> dict:
-    """This process's environment without launcher variables other tests may have left behind."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
 
 
 def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
