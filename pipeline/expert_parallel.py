@@ -37,6 +37,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pipeline.accelerator import choose_deepspeed_accelerator
+
+choose_deepspeed_accelerator()  # before the first import of DeepSpeed
+
 from accelerate import init_empty_weights
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups

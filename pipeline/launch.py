@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline import log
+from pipeline.accelerator import choose_deepspeed_accelerator
 from pipeline.errors import LayerMoEError
 from pipeline.ranks import LOOPBACK, free_port
 from pipeline.stop_signals import (EXIT_STOPPED, StopRequested, forwarding_stop_signals,
@@ -78,6 +79,7 @@ def run_stage_in_processes(stage_name: str, entry: Sequence[str], config_path: s
                                    resume_from=resume_from)
     where = stage_name + (f" ({round_name})" if round_name else "")
     log.info(f"{where}: {num_processes} processes: {shlex.join(command)}")
+    choose_deepspeed_accelerator()  # the launcher imports DeepSpeed; it and the ranks inherit the choice
     process = subprocess.Popen(command, start_new_session=True, preexec_fn=launcher_ignores_stop_signals)
     with forwarding_stop_signals(process) as stop:
         returncode = process.wait()

@@ -28,8 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
+
+from pipeline.accelerator import choose_deepspeed_accelerator
+
+choose_deepspeed_accelerator()  # before the first import of DeepSpeed
+
+import deepspeed
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from safetensors import SafetensorError
 

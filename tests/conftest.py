@@ -5,11 +5,16 @@ Nothing here touches a network: the tokenizer is trained locally and models are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import resource
+import signal
+import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -18,6 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a child stopped by run_child prints its stacks
+
+from pipeline.accelerator import choose_deepspeed_accelerator  # noqa: E402
+
+choose_deepspeed_accelerator()  # for the DeepSpeed launchers the tests start themselves
 
 # The longest test files (minutes each: real Slurm jobs, multi-process training, fault runs) are handed to the two
 # xdist workers first (``--dist loadfile`` takes files in collection order), so that no long file starts last and
@@ -34,6 +44,33 @@ def clean_env() -> dict[str, str]:
     on loopback, one thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+
+
+def run_child(args: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)``, except that a child
+    still running after ``timeout`` seconds fails the test with where it hung: it and every process it started get
+    SIGABRT, on which the Python ones print every thread's stack (PYTHONFAULTHANDLER, set above; no core files),
+    and the failure shows the end of their output."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)), **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(map(str, args))} still ran after {timeout:.0f} s; the stacks of its {len(tree)} "
+                    f"processes on SIGABRT, and the end of its output:\n{stdout[-2000:]}\n{stderr[-10000:]}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,9 +2,10 @@
 leaves the old output or the new one, complete, and after an interruption no temporary."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from conftest import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,8 +112,7 @@ print(json.dumps(report))
 
 
 def test_a_write_interrupted_or_killed_at_any_point_leaves_the_old_or_the_new_output_and_no_temporary(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_child([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert len(report) == 8

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import clean_env, make_tiny_model, run_child, synthetic_documents, write_jsonl
 from pipeline.baselines import METHODS, run_overrides
 from pipeline.config import load_config
 
@@ -67,8 +65,8 @@ def test_a_sweep_runs_each_method_and_seed_once_and_compares_them(sweep_config, 
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "pipeline.cli", "baselines", str(sweep_config), "--seeds", "3",
                "--methods", "layermoe_budget", "--output", str(out)]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = clean_env()
+    proc = run_child(command, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = out / "layermoe_budget-s3"
     assert json.loads((run / "config.json").read_text())["seed"] == 3
@@ -80,7 +78,7 @@ def test_a_sweep_runs_each_method_and_seed_once_and_compares_them(sweep_config, 
         ("layermoe_budget", "final", 1), ("layermoe_budget", "stage1", 1)]
     assert "| layermoe_budget | stage 1 + 2 | 1 |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 5000
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = run_child(command, cwd=ROOT, env=env, timeout=300)
     assert again.returncode == 0 and again.stderr.count("is finished, skipped") == 1
-    bad = subprocess.run(command[:-4] + ["--methods", "magic"], cwd=ROOT, env=env, capture_output=True, text=True)
+    bad = run_child(command[:-4] + ["--methods", "magic"], cwd=ROOT, env=env, timeout=300)
     assert bad.returncode == 2 and "unknown ['magic']" in bad.stderr

@@ -25,7 +25,8 @@ from pipeline.ranks import free_port
 from pipeline.run_dir import MARKER
 from pipeline.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED
 from test_pipeline import run_config  # noqa: F401  (a fixture: analyze -> allocate on a tiny model)
-from test_train import clean_env, run_cli, state, write_config
+from conftest import clean_env, run_child
+from test_train import run_cli, state, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(stage1=dict(steps=4, warmup_steps=1, micro_batch_size=2, block_length=32, tokens_per_language=1500),
@@ -220,8 +221,7 @@ def micro_batch_loss(*args):
 train.train_step, train._micro_batch_loss = train_step, micro_batch_loss
 sys.exit(cli.main(["train", {str(config)!r}, "--stage", "1"]))
 """
-    proc = subprocess.run([sys.executable, "-c", planted], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = run_child([sys.executable, "-c", planted], cwd=ROOT, env=clean_env(), timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     # (the loss is checked first: a finite loss at step 3, a non-finite gradient)
@@ -405,8 +405,7 @@ def test_stop_signals_reach_two_ranks_which_agree_save_and_resume_bit_identical(
     """2 gloo ranks: SIGTERM to `layermoe run` (forwarded through the DeepSpeed launcher), then SIGUSR1 to rank 1
     alone under torchrun (both ranks stop at the same step); the resumed run equals an uninterrupted one."""
     reference_dir, reference = copy_run(finished_run, train_setup, tmp_path / "reference", **LONG)
-    proc = subprocess.run(torchrun_command(reference), cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = run_child(torchrun_command(reference), cwd=ROOT, env=clean_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir, config = copy_run(finished_run, train_setup, tmp_path / "stopped", **LONG)
     checkpoints = run_dir / "g1" / "train_stage1.checkpoints"
@@ -526,8 +525,7 @@ requires_mounts = pytest.mark.skipif(mount_namespace_problem() is not None, reas
 
 def in_mount_namespace(script: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a bash ``script`` in a private mount namespace (its mounts vanish with it)."""
-    return subprocess.run(["unshare", "-m", "bash", "-euc", script], cwd=ROOT, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=600)
+    return run_child(["unshare", "-m", "bash", "-euc", script], cwd=ROOT, env=env or clean_env(), timeout=600)
 
 
 def full_disk_then_rerun(run_dir: Path, cli: str, size_kib: int, out: Path, after: str = "") -> None:

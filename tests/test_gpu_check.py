@@ -5,19 +5,19 @@ benchmark) and prints the summary table."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import clean_env, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
 def run_script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**clean, "PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path / "check"), **env})
+    return run_child(["bash", str(SCRIPT)], cwd=ROOT, timeout=900,
+                     env={**clean_env(), "PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path / "check"), **env})
 
 
 def test_without_a_gpu_it_exits_2_with_one_line(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCHER_VARIABLES, clean_env, make_tiny_model, synthetic_documents, write_jsonl
+from conftest import LAUNCHER_VARIABLES, clean_env, make_tiny_model, run_child, synthetic_documents, write_jsonl
 from pipeline import cluster, ranks
 from pipeline.errors import LayerMoEError
 from pipeline.launch import StageProcessesFailed, launch_stage_command, run_stage_in_processes
@@ -90,7 +90,7 @@ def test_launcher_two_processes_match_one(analyze_setup, tmp_path, launcher):
     config, single = analyze_setup
     run_dir = tokenized(config, tmp_path / launcher)
     command = [*launcher_command(launcher), "stages/analyze.py", "--config", str(config), f"run_dir={run_dir}"]
-    proc = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = run_child(command, cwd=ROOT, env=clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     per_rank = [int(n) for n in re.findall(r"(\d+)/\d+ tokens on this rank", proc.stderr)]
     assert per_rank and max(per_rank) < 300  # rank 0 read only its share of each language's 300 tokens

@@ -5,7 +5,6 @@ Skipped, with the reason, when no Slurm answers here."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import clean_env, make_tiny_model, synthetic_documents, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +36,7 @@ requires_slurm = pytest.mark.skipif(slurm_problem() is not None, reason=str(slur
 
 def job_env() -> dict[str, str]:
     """This environment for a job (sbatch exports it) without launcher variables; 2 processes per node."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LAYERMOE_PROCS_PER_NODE": "2"}
+    return {**clean_env(), "LAYERMOE_PROCS_PER_NODE": "2"}
 
 
 def submit(tmp_path: Path, config: Path, *overrides: str) -> tuple[int, int, str]:
@@ -126,7 +124,7 @@ def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_
     finally:
         subprocess.run(["scancel", str(job)], capture_output=True)
     job_log, log = (tmp_path / f"job-{job}.out").read_text(), train_log.read_text()
-    assert job_field(job, "JobState") == "COMPLETED", job_log[-4000:] + log[-4000:]
+    assert job_field(job, "JobState") == "COMPLETED", log[-2000:] + "\n---- the job's output:\n" + job_log[-6000:]
     stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 1000", log)
     assert stopped and int(stopped.group(1)) < 1000, log[-4000:]  # stopped in the middle of training
     assert "resumed from" in log and f"at step {stopped.group(1)}" in log

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import clean_env, make_tiny_model, run_child, synthetic_documents, write_jsonl
 from pipeline.cli import main
 from pipeline.errors import LayerMoEError
 from pipeline.store_index import StoreIndex
@@ -42,9 +42,7 @@ def config(tmp_path, tokenizer_dir) -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """``layermoe ARGS`` in a new process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=600)
 
 
 def one_error(proc: subprocess.CompletedProcess) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import clean_env, synthetic_documents, write_jsonl
+from conftest import clean_env, run_child, synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
 from pipeline.config import StageTrainConfig, TrainConfig, installed
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
@@ -376,8 +376,7 @@ def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict
 
 def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = clean_env()
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600, **kwargs)
+    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, timeout=600, **kwargs)
 
 
 PREPARED_BY = ("name", "seed", "old_languages", "rounds", "model", "data", "analyze", "allocate", "upcycle")
@@ -441,8 +440,8 @@ print(json.dumps({"ids": ids[0].tolist(), "logits": logits[0, -1].float().tolist
 def load_export_in_a_fresh_interpreter(directory: Path, text: str) -> dict:
     """Load an exported model and its tokenizer in a new interpreter (no ``pipeline``), from a neutral directory."""
     env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_EXPORT, str(directory), text], cwd=directory.parent, env=env,
-                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    proc = run_child([sys.executable, "-c", LOAD_EXPORT, str(directory), text], cwd=directory.parent, env=env,
+                     timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "custom code" not in proc.stdout + proc.stderr  # no question about running the model's code
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -637,10 +636,9 @@ def test_resume_after_a_killed_run_gives_the_same_weights(train_setup, tmp_path)
 
 def torchrun(config: Path, stage: int, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
     """``stages/train.py`` on ``processes`` gloo ranks under torchrun."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "stages/train.py",
-                           "--config", str(config), "--stage", str(stage), *overrides], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_child([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                      "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "stages/train.py",
+                      "--config", str(config), "--stage", str(stage), *overrides], cwd=ROOT, env=clean_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
