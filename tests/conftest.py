@@ -57,15 +57,17 @@ def run_child(args: list[str], *, timeout: float, **kwargs) -> subprocess.Comple
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGABRT)
+
+        def send(signum: int) -> None:
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+        send(signal.SIGABRT)
         try:
             stdout, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            for pid in tree:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            send(signal.SIGKILL)
             stdout, stderr = process.communicate()
         pytest.fail(f"{' '.join(map(str, args))} still ran after {timeout:.0f} s; the stacks of its {len(tree)} "
                     f"processes on SIGABRT, and the end of its output:\n{stdout[-2000:]}\n{stderr[-10000:]}",

@@ -5,13 +5,12 @@ imports it must choose first (the CPU when torch sees no GPU); the modules that 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from conftest import clean_env
+from conftest import clean_env, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +34,7 @@ print(json.dumps({"without_torch": without_torch, "deepspeed": seen.get("deepspe
 
 def probe(module: str) -> dict:
     env = {k: v for k, v in clean_env().items() if k != "DS_ACCELERATOR"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, module], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_child([sys.executable, "-c", PROBE, module], cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
