@@ -94,6 +94,15 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def controller_log(job: int) -> str:
+    """slurmctld's log lines about ``job`` (why Slurm ended or refused it), or a note when the log is unreadable."""
+    try:
+        lines = Path("/var/log/slurm/slurmctld.log").read_text(errors="replace").splitlines()
+    except OSError as error:
+        return f"(slurmctld log not readable: {error})"
+    return "\n".join(line for line in lines if re.search(rf"JobId={job}\b|\bJob {job}\b", line))[-3000:]
+
+
 def job_field(job: int, name: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True, check=True).stdout
     return re.search(rf"\b{name}=(\S+)", out).group(1)
@@ -118,13 +127,17 @@ def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
         wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
                  "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue delay
+        # Skip the requeue delay, but start 2 s later: slurmd refuses to launch a job whose credential was created in
+        # the second it revoked the job's previous run ("Job 19 already killed, do not launch batch job"; the job ends
+        # FAILED without running: seen in CI with StartTime=now). On a real cluster the requeue delay covers this.
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True)
         wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the requeued job",
                  poll=2)
     finally:
         subprocess.run(["scancel", str(job)], capture_output=True)
     job_log, log = (tmp_path / f"job-{job}.out").read_text(), train_log.read_text()
-    assert job_field(job, "JobState") == "COMPLETED", log[-2000:] + "\n---- the job's output:\n" + job_log[-6000:]
+    assert job_field(job, "JobState") == "COMPLETED", (log[-2000:] + "\n---- the job's output:\n" + job_log[-6000:]
+                                                       + "\n---- slurmctld about it:\n" + controller_log(job))
     stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 1000", log)
     assert stopped and int(stopped.group(1)) < 1000, log[-4000:]  # stopped in the middle of training
     assert "resumed from" in log and f"at step {stopped.group(1)}" in log
