@@ -108,6 +108,10 @@ def job_field(job: int, name: str) -> str:
     return re.search(rf"\b{name}=(\S+)", out).group(1)
 
 
+# stage-1 steps of the stopped job: the stop comes ~2 steps after step 3 (0.06 s per step here), well before the end
+STEPS = 300
+
+
 @requires_slurm
 def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_a_job_that_resumes(expansion_config,
                                                                                                      tmp_path):
@@ -116,13 +120,13 @@ def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_
     trap forwards it through srun and the DeepSpeed launcher to the ranks, which save a checkpoint and exit 75; the
     script requeues the job, whose second run skips the finished stages, resumes training and runs every stage."""
     proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/expand.sh",
-                           str(expansion_config), "train.stage1.steps=1000", "train.stats_every=1000"],
+                           str(expansion_config), f"train.stage1.steps={STEPS}", f"train.stats_every={STEPS}"],
                           cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60, check=True)
     job = int(proc.stdout.split(";")[0])
     logs = tmp_path / "run" / "logs" / f"slurm-{job}"
     train_log = logs / "g1.train_stage1.log"
     try:
-        wait_for(lambda: train_log.is_file() and "stage 1 step 3/1000" in train_log.read_text(), 300,
+        wait_for(lambda: train_log.is_file() and f"stage 1 step 3/{STEPS}" in train_log.read_text(), 300,
                  "training to start", poll=0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
         wait_for(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
@@ -138,8 +142,8 @@ def test_sbatch_expand_runs_every_stage_and_usr1_before_the_time_limit_requeues_
     job_log, log = (tmp_path / f"job-{job}.out").read_text(), train_log.read_text()
     assert job_field(job, "JobState") == "COMPLETED", (log[-2000:] + "\n---- the job's output:\n" + job_log[-6000:]
                                                        + "\n---- slurmctld about it:\n" + controller_log(job))
-    stopped = re.search(r"stopped by SIGUSR1[^\n]* after step (\d+) of 1000", log)
-    assert stopped and int(stopped.group(1)) < 1000, log[-4000:]  # stopped in the middle of training
+    stopped = re.search(rf"stopped by SIGUSR1[^\n]* after step (\d+) of {STEPS}", log)
+    assert stopped and int(stopped.group(1)) < STEPS, log[-4000:]  # stopped in the middle of training
     assert "resumed from" in log and f"at step {stopped.group(1)}" in log
     assert "received SIGUSR1" in job_log and "g1/train_stage1: stopped (exit status 75)" in job_log
     assert f"requeueing job {job}" in job_log and f"job {job} (restart 1)" in job_log
