@@ -66,7 +66,7 @@ def test_a_sweep_runs_each_method_and_seed_once_and_compares_them(sweep_config, 
     command = [sys.executable, "-m", "pipeline.cli", "baselines", str(sweep_config), "--seeds", "3",
                "--methods", "layermoe_budget", "--output", str(out)]
     env = clean_env()
-    proc = run_child(command, cwd=ROOT, env=env, timeout=900)
+    proc = run_child(command, cwd=ROOT, env=env, timeout=900, preimported=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = out / "layermoe_budget-s3"
     assert json.loads((run / "config.json").read_text())["seed"] == 3
@@ -78,7 +78,7 @@ def test_a_sweep_runs_each_method_and_seed_once_and_compares_them(sweep_config, 
         ("layermoe_budget", "final", 1), ("layermoe_budget", "stage1", 1)]
     assert "| layermoe_budget | stage 1 + 2 | 1 |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 5000
-    again = run_child(command, cwd=ROOT, env=env, timeout=300)
+    again = run_child(command, cwd=ROOT, env=env, timeout=300, preimported=True)
     assert again.returncode == 0 and again.stderr.count("is finished, skipped") == 1
-    bad = run_child(command[:-4] + ["--methods", "magic"], cwd=ROOT, env=env, timeout=300)
+    bad = run_child(command[:-4] + ["--methods", "magic"], cwd=ROOT, env=env, timeout=300, preimported=True)
     assert bad.returncode == 2 and "unknown ['magic']" in bad.stderr

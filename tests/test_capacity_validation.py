@@ -53,7 +53,7 @@ def test_planned_peak_memory_is_within_15_percent_of_a_real_run(validation_model
                           stage1=dict(steps=3, micro_batch_size=micro_batch, block_length=256, gradient_accumulation=1))
     prepare(config)
     if processes == 1:
-        proc = run_cli(["train", str(config), "--stage", "1"])
+        proc = run_cli(["train", str(config), "--stage", "1"], preimported=False)  # a fresh process's memory
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
         torchrun(config, 1)

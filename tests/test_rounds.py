@@ -104,7 +104,8 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
             "evaluate": {"tokens_per_language": 480, "block_length": 48, "translation_sentences": 2,
                          "translation_shots": 1, "translation_max_new_tokens": 6, "parallel_file": str(parallel)},
         })
-    proc = run_child([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT, env=clean_env(), timeout=900)
+    proc = run_child([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT, env=clean_env(), timeout=900,
+                     preimported=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = proc.stderr
     g1, g2 = run_dir / "g1", run_dir / "g2"
@@ -195,12 +196,12 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
     md = (g2 / "evaluate" / "report.md").read_text()
     assert "| g2 |" in md and "## Translation (few-shot English -> X, chrF)" in md and "g1_similarity.png" in md
     compare = run_child([sys.executable, "-m", "pipeline.cli", "compare", str(run_dir)], cwd=ROOT, env=clean_env(),
-                        timeout=300)
+                        timeout=300, preimported=True)
     assert compare.returncode == 0 and "| run | g1 | 3 |" in compare.stdout
     assert f"| run | g2 | {report['experts']['g2']['new_experts']} |" in compare.stdout
 
     # another expert-parallel layout is not another result: every finished stage stays as it is
     again = run_child([sys.executable, "-m", "pipeline.cli", "run", str(config), "train.ep_size=2"], cwd=ROOT,
-                      env=clean_env(), timeout=300)
+                      env=clean_env(), timeout=300, preimported=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("up to date") == 16 and ": starting" not in again.stderr  # 8 stages, 2 rounds

@@ -42,7 +42,8 @@ def config(tmp_path, tokenizer_dir) -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """``layermoe ARGS`` in a new process."""
-    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=600)
+    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=600,
+                     preimported=True)
 
 
 def one_error(proc: subprocess.CompletedProcess) -> str:

@@ -374,9 +374,10 @@ def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict
     return path
 
 
-def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = clean_env()
-    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, timeout=600, **kwargs)
+def run_cli(args: list[str], preimported: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """``layermoe ARGS`` in a child process (a fork of a preimported one unless ``preimported`` is False)."""
+    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=600,
+                     preimported=preimported, **kwargs)
 
 
 PREPARED_BY = ("name", "seed", "old_languages", "rounds", "model", "data", "analyze", "allocate", "upcycle")
