@@ -49,26 +49,33 @@ def clean_env() -> dict[str, str]:
     return {**env, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
 
 
-_preimported: Server | None = None
+_preimported: list[Server] = []  # this worker's server, the one for the environment of the last command
 
 
-def preimported_server() -> Server:
-    """This worker's server of preimported ``python -m pipeline.cli`` processes (tests/preimported_cli.py)."""
-    global _preimported
-    if _preimported is None:
-        _preimported = Server(clean_env())
-        atexit.register(_preimported.stop)
-    return _preimported
+def preimported_server(env: dict[str, str]) -> Server:
+    """This worker's server of preimported ``python -m pipeline.cli`` processes for ``env`` (tests/preimported_cli.py);
+    a command in another environment (a test may leave a variable set) replaces it with a server for that one."""
+    if _preimported and not _preimported[0].serves(env):
+        _preimported.pop().stop()
+    if not _preimported:
+        _preimported.append(Server(env))
+    return _preimported[0]
+
+
+@atexit.register
+def _stop_preimported_server() -> None:
+    while _preimported:
+        _preimported.pop().stop()
 
 
 def run_child(args: list[str], *, timeout: float, preimported: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)``, except that a child
     still running after ``timeout`` seconds fails the test with where it hung: it and every process it started get
     SIGABRT, on which the Python ones print every thread's stack (PYTHONFAULTHANDLER, set above; no core files),
-    and the failure shows the end of their output. ``preimported``: a ``python -m pipeline.cli`` command in this
-    environment runs as a fork of a process that has done its imports (tests/preimported_cli.py), ~6 s sooner."""
-    if preimported and (server := preimported_server()).accepts(args, kwargs):
-        process = server.start(args, **kwargs)
+    and the failure shows the end of their output. ``preimported``: a ``python -m pipeline.cli`` command runs as a
+    fork of a process that has done its imports in the same environment (tests/preimported_cli.py), ~6 s sooner."""
+    if preimported and Server.can_run(args, kwargs):
+        process = preimported_server(kwargs.get("env", dict(os.environ))).start(args, **kwargs)
     else:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)), **kwargs)

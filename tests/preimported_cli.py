@@ -8,8 +8,9 @@ exactly as ``python -m`` would: the command's argv, working directory and enviro
 descriptors above 2 closed, and the normal interpreter exit (atexit, flushing, exit status or signal). The child
 is a real process: signals, its own children and its exit status behave as a fresh one's.
 
-Used only when the command's environment equals the server's (what is read at import time cannot differ); the
-caller keeps fresh processes for anything that measures a process (memory, startup) or starts it another way.
+A server serves one environment (what is read at import time cannot differ): a command in another one gets a
+server of its own. The caller keeps fresh processes for anything that measures a process (memory, startup) or
+starts it another way.
 
     python tests/preimported_cli.py SOCKET      # the server: prints "ready" on stdout once the imports are done
 """
@@ -195,11 +196,16 @@ class Server:
         if ready.strip() != "ready":
             raise RuntimeError(f"the preimported-cli server did not start (exit status {self.process.poll()})")
 
-    def accepts(self, args: list[str], kwargs: dict) -> bool:
-        """Whether ``run_child(args, **kwargs)`` can run here: ``python -m pipeline.cli``, this environment."""
+    @staticmethod
+    def can_run(args: list[str], kwargs: dict) -> bool:
+        """Whether ``run_child(args, **kwargs)`` can run in a server: ``python -m pipeline.cli``, nothing but the
+        working directory, environment and stdin (inherited or /dev/null) given."""
         return (args[:3] == [sys.executable, "-m", "pipeline.cli"] and set(kwargs) <= {"cwd", "env", "stdin"}
-                and kwargs.get("stdin") in (None, subprocess.DEVNULL)
-                and comparable(kwargs.get("env", os.environ)) == self.env)
+                and kwargs.get("stdin") in (None, subprocess.DEVNULL))
+
+    def serves(self, env: dict[str, str]) -> bool:
+        """Whether a command with environment ``env`` may run here: the server imported in the same one."""
+        return comparable(env) == self.env
 
     def start(self, args: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None,
               stdin: int | None = None) -> PreimportedProcess:
