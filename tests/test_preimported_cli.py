@@ -38,7 +38,7 @@ def test_another_environment_gets_a_server_of_its_own(tmp_path):
     assert not Server.can_run(command, {"env": clean_env(), "stdout": None})
     server = preimported_server(clean_env())
     assert server.serves({**clean_env(), "PYTEST_CURRENT_TEST": "another test"})
-    other_env = {**clean_env(), "TRANSFORMERS_VERBOSITY": "error"}  # transformers reads it at import
+    other_env = {**clean_env(), "TRANSFORMERS_VERBOSITY": "critical"}  # transformers reads it at import
     assert not server.serves(other_env)
     other = preimported_server(other_env)
     assert other is not server and other.serves(other_env) and server.process.poll() is not None  # replaced
