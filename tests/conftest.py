@@ -13,6 +13,7 @@ import random
 import resource
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -39,6 +40,7 @@ LONG_FILES_FIRST = ("test_slurm.py", "test_train.py", "test_faults.py", "test_gp
                     "test_capacity_validation.py", "test_atomic.py")
 
 
+ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -99,6 +101,13 @@ def run_child(args: list[str], *, timeout: float, preimported: bool = False, **k
                     f"processes on SIGABRT, and the end of its output:\n{stdout[-2000:]}\n{stderr[-10000:]}",
                     pytrace=False)
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def run_cli(args: list[str], *, timeout: float = 600, preimported: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """``layermoe ARGS`` (``python -m pipeline.cli``) from the repository root in a child process: ``run_child``,
+    forked from a preimported process unless ``preimported`` is False."""
+    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=timeout,
+                     preimported=preimported, **kwargs)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -148,7 +148,10 @@ class PreimportedProcess:
             os.close(fd)
         self._reply = b""
         while b"\n" not in self._reply:
-            self._reply += self._conn.recv(64)
+            if not (data := self._conn.recv(64)):
+                raise RuntimeError(f"the preimported-cli server (pid {server.process.pid}) closed the connection "
+                                   f"without starting {args[3:]}; exit status {server.process.poll()}")
+            self._reply += data
         line, self._reply = self._reply.split(b"\n", 1)
         self.pid = int(line)
         self._chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}

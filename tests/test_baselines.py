@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, make_tiny_model, run_child, synthetic_documents, write_jsonl
+from conftest import make_tiny_model, run_cli, synthetic_documents, write_jsonl
 from pipeline.baselines import METHODS, run_overrides
 from pipeline.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +61,8 @@ def test_each_method_is_the_config_with_its_overrides(sweep_config, tmp_path):
 def test_a_sweep_runs_each_method_and_seed_once_and_compares_them(sweep_config, tmp_path):
     """One method and one seed (the aggregation over seeds is checked by hand in test_eval_report.py)."""
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "pipeline.cli", "baselines", str(sweep_config), "--seeds", "3",
-               "--methods", "layermoe_budget", "--output", str(out)]
-    env = clean_env()
-    proc = run_child(command, cwd=ROOT, env=env, timeout=900, preimported=True)
+    command = ["baselines", str(sweep_config), "--seeds", "3", "--methods", "layermoe_budget", "--output", str(out)]
+    proc = run_cli(command, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = out / "layermoe_budget-s3"
     assert json.loads((run / "config.json").read_text())["seed"] == 3
@@ -78,7 +74,7 @@ def test_a_sweep_runs_each_method_and_seed_once_and_compares_them(sweep_config, 
         ("layermoe_budget", "final", 1), ("layermoe_budget", "stage1", 1)]
     assert "| layermoe_budget | stage 1 + 2 | 1 |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 5000
-    again = run_child(command, cwd=ROOT, env=env, timeout=300, preimported=True)
+    again = run_cli(command, timeout=300)
     assert again.returncode == 0 and again.stderr.count("is finished, skipped") == 1
-    bad = run_child(command[:-4] + ["--methods", "magic"], cwd=ROOT, env=env, timeout=300, preimported=True)
+    bad = run_cli(command[:-4] + ["--methods", "magic"], timeout=300)
     assert bad.returncode == 2 and "unknown ['magic']" in bad.stderr

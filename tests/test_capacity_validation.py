@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model, synthetic_documents, write_jsonl
+from conftest import make_tiny_model, run_cli, synthetic_documents, write_jsonl
 from pipeline.capacity import Hardware, plan_config
 from pipeline.config import load_config
-from test_train import prepare, run_cli, torchrun, write_config
+from test_train import prepare, torchrun, write_config
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from pipeline.ranks import free_port
 from pipeline.run_dir import MARKER
 from pipeline.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED
 from test_pipeline import run_config  # noqa: F401  (a fixture: analyze -> allocate on a tiny model)
-from conftest import clean_env, run_child
-from test_train import run_cli, state, write_config
+from conftest import clean_env, run_cli, run_child
+from test_train import state, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(stage1=dict(steps=4, warmup_steps=1, micro_batch_size=2, block_length=32, tokens_per_language=1500),

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import sacrebleu
 import torch
 
-from conftest import clean_env, run_child, synthetic_documents
+from conftest import run_cli, synthetic_documents
 from pipeline.allocate import reference_allocation
 from pipeline.base_model import load_causal_lm
 from pipeline.config import load_config
@@ -21,7 +20,7 @@ from pipeline.hf_modeling.modeling_layermoe import moe_blocks
 from pipeline.packing import load_tokenizer
 from pipeline.upcycle import parameter_roles
 from reference_data import build_stage_data
-from test_train import (ROOT, by_hand_balance, by_hand_ce, by_hand_classifier, by_hand_lpr, step_log,
+from test_train import (by_hand_balance, by_hand_ce, by_hand_classifier, by_hand_lpr, step_log,
                         write_config)
 
 PARALLEL = [  # the first row is too short for the test set (20 <= len(en) <= 160) and is skipped
@@ -104,8 +103,7 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
             "evaluate": {"tokens_per_language": 480, "block_length": 48, "translation_sentences": 2,
                          "translation_shots": 1, "translation_max_new_tokens": 6, "parallel_file": str(parallel)},
         })
-    proc = run_child([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT, env=clean_env(), timeout=900,
-                     preimported=True)
+    proc = run_cli(["run", str(config)], timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = proc.stderr
     g1, g2 = run_dir / "g1", run_dir / "g2"
@@ -195,13 +193,11 @@ def test_two_rounds_through_the_runner(train_setup, tmp_path):
                 assert hypotheses == [greedy_by_hand(base, tokenizer, prompt, 6) for prompt in prompts]
     md = (g2 / "evaluate" / "report.md").read_text()
     assert "| g2 |" in md and "## Translation (few-shot English -> X, chrF)" in md and "g1_similarity.png" in md
-    compare = run_child([sys.executable, "-m", "pipeline.cli", "compare", str(run_dir)], cwd=ROOT, env=clean_env(),
-                        timeout=300, preimported=True)
+    compare = run_cli(["compare", str(run_dir)], timeout=300)
     assert compare.returncode == 0 and "| run | g1 | 3 |" in compare.stdout
     assert f"| run | g2 | {report['experts']['g2']['new_experts']} |" in compare.stdout
 
     # another expert-parallel layout is not another result: every finished stage stays as it is
-    again = run_child([sys.executable, "-m", "pipeline.cli", "run", str(config), "train.ep_size=2"], cwd=ROOT,
-                      env=clean_env(), timeout=300, preimported=True)
+    again = run_cli(["run", str(config), "train.ep_size=2"], timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("up to date") == 16 and ": starting" not in again.stderr  # 8 stages, 2 rounds

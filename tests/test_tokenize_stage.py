@@ -7,18 +7,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, make_tiny_model, run_child, synthetic_documents, write_jsonl
+from conftest import make_tiny_model, run_cli, synthetic_documents, write_jsonl
 from pipeline.cli import main
 from pipeline.errors import LayerMoEError
 from pipeline.store_index import StoreIndex
 from pipeline.token_store import TOKENIZER_FILES, TokenStore, tokenizer_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
 LANGS = ("en", "el", "hu")
 
 
@@ -38,12 +36,6 @@ def config(tmp_path, tokenizer_dir) -> Path:
         "evaluate": {"block_length": 32},
     }))
     return path
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """``layermoe ARGS`` in a new process."""
-    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=600,
-                     preimported=True)
 
 
 def one_error(proc: subprocess.CompletedProcess) -> str:
@@ -123,15 +115,15 @@ def test_a_store_list_of_another_tokenizer_or_store_is_refused(config, tmp_path)
 def test_errors_through_the_command_line(config, tmp_path):
     g1 = tmp_path / "runs" / "t" / "g1"
     # a consumer before the tokenize stage
-    line = one_error(cli("analyze", str(config)))
+    line = one_error(run_cli(["analyze", str(config)]))
     assert f"g1/analyze: {g1 / 'tokenize' / 'stores.json'} does not exist; run the tokenize stage first" in line
 
     # a source too small for one training block, an empty source: nothing written in the run directory
-    line = one_error(cli("tokenize", str(config), "train.stage1.block_length=100000"))
+    line = one_error(run_cli(["tokenize", str(config), "train.stage1.block_length=100000"]))
     assert f"language 'el': corpus '{tmp_path / 'data' / 'el.jsonl'}' is too small: its train split has " in line
     assert "fewer than one block of train.stage1.block_length=100000" in line
     empty = write_jsonl(tmp_path / "data" / "empty.jsonl", ["", "   "])
-    line = one_error(cli("tokenize", str(config), f"data.sources.hu.path={empty}", "name=empty"))
+    line = one_error(run_cli(["tokenize", str(config), f"data.sources.hu.path={empty}", "name=empty"]))
     assert f"language 'hu': corpus '{empty}' has no non-empty documents" in line
     assert not (g1 / "tokenize").exists() and not (tmp_path / "runs" / "empty" / "g1" / "tokenize").exists()
 
@@ -140,8 +132,8 @@ def test_errors_through_the_command_line(config, tmp_path):
     el = StoreIndex.read(g1 / "tokenize" / "stores.json", tmp_path / "model").entry("el", "train")
     ids = el.path / "ids.npy"
     os.truncate(ids, ids.stat().st_size - 6)
-    line = one_error(cli("analyze", str(config)))
+    line = one_error(run_cli(["analyze", str(config)]))
     assert f"token store file {ids} is truncated: " in line
     assert f"; delete {el.path} and run the tokenize stage again" in line
     assert not (g1 / "analyze").exists()
-    assert f"token store file {ids} is truncated: " in one_error(cli("tokenize", str(config), "--force"))
+    assert f"token store file {ids} is truncated: " in one_error(run_cli(["tokenize", str(config), "--force"]))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import clean_env, run_child, synthetic_documents, write_jsonl
+from conftest import clean_env, run_child, run_cli, synthetic_documents, write_jsonl
 from pipeline.base_model import load_causal_lm
 from pipeline.config import StageTrainConfig, TrainConfig, installed
 from pipeline.hf_modeling.modeling_layermoe import RoutingRecord
@@ -372,12 +372,6 @@ def write_config(root: Path, run_dir: Path, model: str = "dense", sections: dict
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(json.dumps(body))
     return path
-
-
-def run_cli(args: list[str], preimported: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """``layermoe ARGS`` in a child process (a fork of a preimported one unless ``preimported`` is False)."""
-    return run_child([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=clean_env(), timeout=600,
-                     preimported=preimported, **kwargs)
 
 
 PREPARED_BY = ("name", "seed", "old_languages", "rounds", "model", "data", "analyze", "allocate", "upcycle")
